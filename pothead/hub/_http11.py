@@ -1,0 +1,178 @@
+"""
+The one place that touches ``twisted.web._newclient`` (private API).
+
+:class:`ReverseHTTPClient` drives an HTTP/1.1 *client* over a connection the
+hub accepted from a worker, and translates ``_newclient``'s exceptions into
+the two outcomes the hub cares about:
+
+* :class:`NotDelivered` -- the request cannot have reached the application
+  (the connection was dead or died before the request was fully written), so
+  the job may be put back at the head of the queue;
+* :class:`WorkerFailed` -- the request was written and the worker failed
+  afterwards (died, or sent malformed HTTP): the consumer gets a 502.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+    PotentialDataLoss,
+    Request,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+
+
+class NotDelivered(Exception):
+    """The request never fully reached the worker: safe to requeue."""
+
+
+class WorkerFailed(Exception):
+    """The request reached the worker but no usable response came back."""
+
+
+class BodySink(TypingProtocol):
+    """Receives a response body; see :meth:`WorkerResponse.deliver`."""
+
+    def body_started(self, producer: IPushProducer) -> None: ...
+    def body_data(self, data: bytes) -> None: ...
+    def body_done(self) -> None: ...
+    def body_failed(self, reason: Failure) -> None: ...
+
+
+class _BodyProtocol(Protocol):
+    def __init__(self, sink: BodySink) -> None:
+        self._sink = sink
+
+    def connectionMade(self) -> None:
+        # The transport is a proxy for the worker connection's push producer:
+        # pausing it stops reading from the worker socket (backpressure).
+        self._sink.body_started(self.transport)  # type: ignore[arg-type]
+
+    def dataReceived(self, data: bytes) -> None:
+        self._sink.body_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        # PotentialDataLoss ends a close-delimited body (no Content-Length, not
+        # chunked): that close *is* the end of the message.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._sink.body_done()
+        else:
+            self._sink.body_failed(reason)
+
+
+class WorkerResponse:
+    """Status line and end-to-end headers of a worker's response."""
+
+    def __init__(self, response: IResponse, connection_headers: Headers) -> None:
+        self._response = response
+        self.code: int = response.code
+        self.phrase: bytes = response.phrase
+        self.headers: list[tuple[bytes, bytes]] = [
+            (name, value)
+            for name, values in response.headers.getAllRawHeaders()
+            for value in values
+        ]
+        # The declared Content-Length, passed on to the consumer (for HEAD it
+        # describes the resource, not this empty body).  With Transfer-Encoding
+        # the body is decoded and re-framed, so any Content-Length is ignored.
+        self.length: int | None = None
+        declared = connection_headers.getRawHeaders(b"content-length")
+        if declared and not connection_headers.hasHeader(b"transfer-encoding"):
+            try:
+                self.length = int(declared[0])
+            except ValueError:
+                self.length = None
+
+    def deliver(self, sink: BodySink) -> None:
+        """Stream the body to ``sink`` (call exactly once)."""
+        self._response.deliverBody(_BodyProtocol(sink))
+
+
+class ReverseHTTPClient:
+    """
+    An HTTP/1.1 client on one worker connection.
+
+    ``attach`` it to the transport once the connection may carry requests
+    (after any handshake); feed it ``dataReceived``/``connectionLost``.
+    :attr:`reusable` is true once the last response completed and the worker
+    said ``Connection: keep-alive`` explicitly; without that the connection is
+    closed after the response, which avoids dispatching onto a connection the
+    worker is about to close (the reference worker closes after each job).
+    """
+
+    def __init__(self) -> None:
+        self._protocol = HTTP11ClientProtocol(quiescentCallback=self._quiescent)
+        self._connection_headers: Headers | None = None
+        self.reusable = False
+
+    def attach(self, transport: ITransport) -> None:
+        self._protocol.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._protocol.connectionLost(reason)
+
+    def abort(self) -> None:
+        self._protocol.abort()
+
+    def _quiescent(self, protocol: HTTP11ClientProtocol) -> None:
+        tokens: set[bytes] = set()
+        for value in (self._connection_headers or Headers()).getRawHeaders(b"connection", []):
+            tokens.update(t.strip().lower() for t in value.split(b","))
+        if b"keep-alive" in tokens:
+            self.reusable = True
+        else:
+            protocol.transport.loseConnection()
+
+    def send(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: IBodyProducer | None,
+    ) -> Deferred[WorkerResponse]:
+        """Write one request; fires with the response head, or fails with
+        :class:`NotDelivered` / :class:`WorkerFailed`."""
+        self.reusable = False
+        raw = Headers()
+        for name, value in headers:
+            raw.addRawHeader(name, value)
+        try:
+            sent = self._protocol.request(Request(method, uri, raw, body, persistent=True))
+        except Exception as e:  # an invalid method/URI refused by _newclient
+            sent = Deferred()
+            sent.errback(WorkerFailed(f"request could not be written: {e}"))
+            return sent
+        parser = getattr(self._protocol, "_parser", None)
+        connection_headers: Headers = parser.connHeaders if parser is not None else Headers()
+        self._connection_headers = connection_headers
+
+        def translate(failure: Failure) -> Failure:
+            if failure.check(RequestNotSent, RequestTransmissionFailed):
+                return Failure(NotDelivered(_describe(failure)))
+            if failure.check(ResponseFailed):
+                return Failure(WorkerFailed(_describe(failure)))
+            return failure
+
+        sent.addErrback(translate)
+        return sent.addCallback(WorkerResponse, connection_headers)
+
+
+def _describe(failure: Failure) -> str:
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() or r.type.__name__ for r in reasons)
+    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]

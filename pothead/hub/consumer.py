@@ -1,0 +1,508 @@
+"""
+The consumer port: twisted.web in front of the queue.
+
+A consumer request becomes a :class:`ProxyJob`, an explicit state machine::
+
+    QUEUED ──paired──▶ DISPATCHED ──response head──▶ STREAMING ──▶ DONE
+      │  ▲                 │                            │
+      │  └── requeue ◀─────┤ (not delivered / draining  │
+      │     (queue head)   │  worker's 503 + requeue)   │
+      └────────────────────┴──────── errors ────────────┴──▶ FAILED
+
+The body was spooled by twisted.web before the job exists (memory up to
+100 kB, a temporary file beyond), so a slow uploader never holds a worker.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import IO, Any
+
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from ..headers import asks_requeue, choose_request_id, end_to_end, forwarded_request_headers
+from ._http11 import NotDelivered, WorkerFailed, WorkerResponse
+from .dispatch import Hub
+from .queue import QueueFull
+from .workers import WorkerConnection
+
+CHUNK = 65536
+
+
+@implementer(IBodyProducer)
+class SpooledBody:
+    """
+    Streams a spooled request body to a worker, from the start of the file.
+
+    Unlike ``FileBodyProducer`` it never closes the file, so a requeued job
+    can send the same body again on another connection.
+    """
+
+    def __init__(self, body: IO[bytes], length: int) -> None:
+        self._body = body
+        self.length = length
+        self._task: task.CooperativeTask | None = None
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._body.seek(0)
+        self._task = task.cooperate(self._chunks(consumer))
+        done: Deferred[None] = Deferred()
+
+        def finished(_: object) -> None:
+            done.callback(None)
+
+        def stopped(reason: Failure) -> Failure | None:
+            # IBodyProducer: the Deferred must not fire after stopProducing.
+            if reason.check(task.TaskStopped):
+                return None
+            done.errback(reason)
+            return None
+
+        self._task.whenDone().addCallbacks(finished, stopped)
+        return done
+
+    def _chunks(self, consumer: IConsumer) -> Any:
+        while True:
+            data = self._body.read(CHUNK)
+            if not data:
+                return
+            consumer.write(data)
+            yield None
+
+    def pauseProducing(self) -> None:
+        if self._task is not None:
+            self._task.pause()
+
+    def resumeProducing(self) -> None:
+        if self._task is not None:
+            self._task.resume()
+
+    def stopProducing(self) -> None:
+        if self._task is not None:
+            try:
+                self._task.stop()
+            except (task.TaskDone, task.TaskFailed, task.TaskStopped):
+                pass
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    STREAMING = "streaming"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ProxyJob:
+    """One consumer request on its way through the queue to a worker and back."""
+
+    _log = Logger()
+
+    def __init__(self, hub: Hub, request: ConsumerRequest) -> None:
+        self.hub = hub
+        self.request = request
+        raw = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+        self.request_id = choose_request_id(raw)
+        client = request.getClientAddress()
+        self.forward_headers = forwarded_request_headers(
+            raw,
+            client_address=getattr(client, "host", None),
+            scheme="https" if request.isSecure() else "http",
+            host=request.getHeader(b"host"),
+            request_id=self.request_id,
+        )
+        self.has_body = request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
+            b"transfer-encoding"
+        )
+        self.state = JobState.QUEUED
+        self.arrived = hub.clock.seconds()
+        self.deadline = None if hub.config.queue_timeout is None else self.arrived + hub.config.queue_timeout
+        self.dispatched_at: float | None = None
+        self.worker: str | None = None
+        self.connection: WorkerConnection | None = None
+        self.requeues = 0
+        self.bytes_sent = 0
+        self.consumer_gone = False
+        self._waiting: Deferred[WorkerConnection] | None = None
+        self._producer: IPushProducer | None = None
+        self.status: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.hub.job_started(self)
+        self.request.setHeader(b"x-request-id", self.request_id.encode("ascii"))
+        self.request.notifyFinish().addErrback(self._consumer_lost)
+        if self.hub.draining:
+            self._fail(503, "the hub is shutting down; retry shortly", reason="draining", retry_after=True, close=True)
+            return
+        self._enqueue(front=False)
+
+    def _enqueue(self, *, front: bool) -> None:
+        self.state = JobState.QUEUED
+        try:
+            waiting = self.hub.queue.get_connection(front=front)
+        except QueueFull:
+            self._fail(503, "the queue is full; retry later", reason="queue_full", retry_after=True)
+            return
+        if self.deadline is not None and not waiting.called:
+            remaining = max(0.0, self.deadline - self.hub.clock.seconds())
+            waiting.addTimeout(remaining, self.hub.clock)
+        self._waiting = waiting
+        waiting.addCallbacks(self._dispatch, self._not_paired)
+
+    def _not_paired(self, failure: Failure) -> None:
+        self._waiting = None
+        if failure.check(TimeoutError):
+            self._fail(503, "no worker became free in time; retry later", reason="queue_timeout", retry_after=True)
+        elif failure.check(CancelledError):
+            if not self.consumer_gone:  # cancelled by the drain giving up
+                self._fail(503, "the hub is shutting down; retry shortly", reason="draining", retry_after=True)
+        else:
+            self._log.failure("[{request_id}] unexpected queue error", failure, request_id=self.request_id)
+            self._fail(500, "internal error in the hub", reason="internal")
+
+    def _dispatch(self, connection: WorkerConnection) -> None:
+        self._waiting = None
+        if self.consumer_gone:
+            # Cancellation normally withdraws the job first; be safe anyway
+            # and hand the still-idle connection back.
+            self.hub.queue.connection_ready(connection)
+            return
+        self.state = JobState.DISPATCHED
+        self.connection = connection
+        self.worker = connection.peer
+        if self.dispatched_at is None:
+            self.dispatched_at = self.hub.clock.seconds()
+        body = None
+        if self.has_body:
+            content = self.request.content
+            content.seek(0, 2)
+            body = SpooledBody(content, content.tell())
+        sent = connection.dispatch(self.request.method, self.request.uri, self.forward_headers, body)
+        sent.addCallbacks(self._got_response, self._not_answered)
+
+    def _not_answered(self, failure: Failure) -> None:
+        if self.consumer_gone or self.state is not JobState.DISPATCHED:
+            return
+        if failure.check(NotDelivered):
+            self._requeue(f"request not delivered to {self.worker} ({failure.getErrorMessage()})")
+        elif failure.check(WorkerFailed):
+            self._fail(
+                502,
+                "the worker failed before answering",
+                reason="bad_gateway",
+                detail=failure.getErrorMessage(),
+            )
+        else:
+            self._log.failure("[{request_id}] unexpected dispatch error", failure, request_id=self.request_id)
+            self._fail(502, "the worker failed before answering", reason="bad_gateway")
+        if self.connection is not None:
+            self.connection.abort()
+
+    def _requeue(self, why: str) -> None:
+        self.requeues += 1
+        self.hub.emit("requeue")
+        self._log.info("[{request_id}] requeued at the head of the queue: {why}", request_id=self.request_id, why=why)
+        self.connection = None
+        self.worker = None
+        self._enqueue(front=True)
+
+    def _got_response(self, response: WorkerResponse) -> None:
+        connection = self.connection
+        assert connection is not None
+        if self.consumer_gone or self.state is not JobState.DISPATCHED:
+            connection.abort()
+            return
+        if asks_requeue(response.code, response.headers):
+            response.deliver(_Discard())
+            connection.job_finished()
+            self._requeue(f"worker {self.worker} is draining")
+            return
+        self.state = JobState.STREAMING
+        self.status = response.code
+        request = self.request
+        request.setResponseCode(response.code, response.phrase)
+        headers = request.responseHeaders
+        headers.removeHeader(b"server")
+        for name, value in end_to_end(response.headers):
+            if name.lower() in (b"date", b"server", b"x-request-id") and headers.hasHeader(name):
+                headers.removeHeader(name)
+            headers.addRawHeader(name, value)
+        if not headers.hasHeader(b"x-request-id"):
+            headers.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
+        if response.length is not None:
+            headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+        response.deliver(self)
+
+    # -- BodySink: the worker's response body -------------------------------
+
+    def body_started(self, producer: IPushProducer) -> None:
+        if self.consumer_gone:
+            return
+        self._producer = producer
+        self.request.registerProducer(producer, True)
+
+    def body_data(self, data: bytes) -> None:
+        if self.consumer_gone:
+            return
+        self.bytes_sent += len(data)
+        self.request.write(data)
+
+    def body_done(self) -> None:
+        if self.consumer_gone:
+            return
+        self._unregister()
+        self.state = JobState.DONE
+        self.request.finish()
+        self._ended("ok")
+        if self.connection is not None:
+            self.connection.job_finished()
+
+    def body_failed(self, reason: Failure) -> None:
+        if self.consumer_gone:
+            return
+        self._unregister()
+        self.state = JobState.FAILED
+        self._log.warn(
+            "[{request_id}] worker {worker} failed mid-body after {bytes} bytes ({why}); aborting the consumer connection",
+            request_id=self.request_id,
+            worker=self.worker,
+            bytes=self.bytes_sent,
+            why=reason.getErrorMessage(),
+        )
+        self.request.transport.abortConnection()
+        self._ended("truncated")
+        if self.connection is not None:
+            self.connection.abort()
+
+    def give_up(self) -> None:
+        """The hub's drain timed out: end this job now."""
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()  # -> _not_paired -> 503
+            return
+        connection = self.connection
+        if self.state is JobState.DISPATCHED:
+            self._fail(503, "the hub is shutting down; retry shortly", reason="draining", retry_after=True, close=True)
+        elif self.state is JobState.STREAMING:
+            self._unregister()
+            self.state = JobState.FAILED
+            self.request.transport.abortConnection()
+            self._ended("drain_timeout")
+        if connection is not None:
+            connection.abort()
+
+    def _unregister(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            self.request.unregisterProducer()
+
+    # -- endings ------------------------------------------------------------
+
+    def _consumer_lost(self, reason: Failure) -> None:
+        if self.state in (JobState.DONE, JobState.FAILED):
+            return
+        self.consumer_gone = True
+        previous = self.state
+        self.state = JobState.FAILED
+        self._producer = None
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
+            self._log.info("[{request_id}] consumer left while queued; job withdrawn", request_id=self.request_id)
+        elif self.connection is not None:
+            self._log.info(
+                "[{request_id}] consumer left during the job ({state}); aborting worker connection {worker}",
+                request_id=self.request_id,
+                state=previous.value,
+                worker=self.worker,
+            )
+            self.connection.abort()
+        self._ended("consumer_gone")
+
+    def _fail(
+        self,
+        code: int,
+        message: str,
+        *,
+        reason: str,
+        retry_after: bool = False,
+        close: bool = False,
+        detail: str | None = None,
+    ) -> None:
+        self.state = JobState.FAILED
+        self.status = code
+        request = self.request
+        if not self.consumer_gone and not request.startedWriting:
+            request.setResponseCode(code)
+            request.responseHeaders.removeHeader(b"server")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            if retry_after:
+                request.setHeader(b"retry-after", str(self.hub.config.retry_after).encode("ascii"))
+            if close:
+                request.setHeader(b"connection", b"close")
+            body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {message} (request id {self.request_id})\n".encode()
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+        self.hub.emit("rejected", reason=reason)
+        if detail:
+            self._log.warn("[{request_id}] {code}: {detail}", request_id=self.request_id, code=code, detail=detail)
+        self._ended(reason)
+
+    def _ended(self, outcome: str) -> None:
+        now = self.hub.clock.seconds()
+        queue_wait = (self.dispatched_at or now) - self.arrived
+        job_time = now - self.dispatched_at if self.dispatched_at is not None else 0.0
+        self.hub.emit(
+            "request",
+            outcome=outcome,
+            status=self.status,
+            queue_wait=queue_wait,
+            job_time=job_time,
+        )
+        self._log.info(
+            "[{request_id}] {method} {path} {status} {bytes}B queue={queue_wait:.3f}s job={job_time:.3f}s "
+            "worker={worker} outcome={outcome}",
+            request_id=self.request_id,
+            method=self.request.method.decode("latin-1"),
+            path=self.request.uri.decode("latin-1"),
+            status=self.status if self.status is not None else "-",
+            bytes=self.bytes_sent,
+            queue_wait=queue_wait,
+            job_time=job_time,
+            worker=self.worker or "-",
+            outcome=outcome,
+            access=True,
+        )
+        self.hub.job_ended(self)
+
+
+class _Discard:
+    """A body sink that drops everything (a draining worker's 503 body)."""
+
+    def body_started(self, producer: IPushProducer) -> None:
+        pass
+
+    def body_data(self, data: bytes) -> None:
+        pass
+
+    def body_done(self) -> None:
+        pass
+
+    def body_failed(self, reason: Failure) -> None:
+        pass
+
+
+class ConsumerResource(Resource):
+    """Every path: forward through the queue."""
+
+    isLeaf = True
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self._hub = hub
+
+    def render(self, request: ConsumerRequest) -> Any:  # type: ignore[override]
+        ProxyJob(self._hub, request).start()
+        return NOT_DONE_YET
+
+
+class ConsumerRequest(Request):
+    """A consumer request whose body is limited to the site's ``max_body``."""
+
+    _rejected = False
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        limit = self.channel.site.max_body
+        if self.content.tell() + len(data) > limit:
+            self._rejected = True
+            self.channel.refuse(413, f"request body larger than {limit} bytes")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+
+class ConsumerChannel(http.HTTPChannel):
+    """HTTPChannel answering oversized input with 413/414/431 instead of a bare 400."""
+
+    site: ConsumerSite
+    _refused = False
+
+    def refuse(self, code: int, message: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self.site.hub.emit("rejected", reason={413: "body_too_large"}.get(code, "bad_request"))
+        body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {message}\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (code, http.RESPONSES.get(code, b"Error"), len(body), body)
+        )
+        # Ignore whatever else arrives; the connection is closing.
+        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            if not self.requests:
+                self.refuse(414, "request line too long")
+            else:
+                self.refuse(431, f"request header block larger than {self.totalHeadersSize} bytes")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if not self.requests:
+            self.refuse(414, "request line too long")
+        else:
+            self.refuse(431, "request header line too long")
+
+    def allHeadersReceived(self) -> None:
+        limit = self.site.max_body
+        if self.length is not None and self.length > limit:
+            self.refuse(413, f"request body larger than {limit} bytes")
+            return
+        super().allHeadersReceived()
+
+
+class ConsumerSite(Site):
+    """The consumer-facing site: one leaf resource, limits from the hub config."""
+
+    protocol = ConsumerChannel
+    requestFactory = ConsumerRequest
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(ConsumerResource(hub), timeout=hub.config.consumer_idle_timeout)
+        self.hub = hub
+        self.max_body = hub.config.max_body
+
+    def buildProtocol(self, addr: Any) -> ConsumerChannel:
+        channel: ConsumerChannel = super().buildProtocol(addr)
+        channel.totalHeadersSize = self.hub.config.max_header_bytes
+        channel.MAX_LENGTH = self.hub.config.max_header_bytes
+        return channel
+
+    def log(self, request: Request) -> None:
+        # ProxyJob writes one structured access line per request instead.
+        pass

@@ -1,0 +1,150 @@
+"""
+The worker port: connections that workers open to the hub.
+
+Each accepted connection is a :class:`WorkerConnection`, an explicit state
+machine::
+
+    READY ──dispatch──▶ BUSY ──job_finished (keep-alive)──▶ READY
+      │                   │
+      └──── lost / retired / closed ─────────────▶ CLOSED
+
+Only READY connections are in the queue's ready pool.  The HTTP mechanics are
+delegated to :class:`~pothead.hub._http11.ReverseHTTPClient`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IAddress, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+
+from ._http11 import NotDelivered, ReverseHTTPClient, WorkerResponse
+
+if TYPE_CHECKING:
+    from .dispatch import Hub
+
+
+class State(enum.Enum):
+    READY = "ready"
+    BUSY = "busy"
+    CLOSED = "closed"
+
+
+def describe_address(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return f"unix:{name!r}" if name is not None else str(address)
+
+
+class WorkerConnection(Protocol):
+    """One worker connection; the hub is the HTTP client on it."""
+
+    _log = Logger()
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._http = ReverseHTTPClient()
+        self.state = State.CLOSED
+        self.peer = "?"
+        self.jobs_done = 0
+
+    def __repr__(self) -> str:
+        return f"<WorkerConnection {self.peer} {self.state.value}>"
+
+    # -- transport events ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = describe_address(self.transport.getPeer())
+        if ITCPTransport.providedBy(self.transport):
+            # A worker that vanishes without a FIN is found by TCP keepalive;
+            # there is deliberately no idle timeout on worker connections.
+            self.transport.setTcpKeepAlive(True)
+        self._http.attach(self.transport)
+        self._hub.worker_connected(self)
+        self._become_ready()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.READY:
+            # Unsolicited bytes on an idle connection: the worker is retiring
+            # it (our worker sends a 503 + Pothead-Requeue before closing).
+            self._log.debug("worker {peer} retired an idle connection", peer=self.peer)
+            self._leave_pool()
+            self.transport.loseConnection()
+            return
+        self._http.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        previous = self.state
+        self.state = State.CLOSED
+        if previous is State.READY:
+            self._hub.queue.connection_gone(self)
+        self._http.connectionLost(reason)
+        self._hub.worker_disconnected(self)
+
+    # -- used by jobs -------------------------------------------------------
+
+    def dispatch(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: IBodyProducer | None,
+    ) -> Deferred[WorkerResponse]:
+        """Send one job's request; the connection is BUSY until :meth:`job_finished`."""
+        if self.state is not State.READY:
+            return fail(NotDelivered(f"connection is {self.state.value}"))
+        self.state = State.BUSY
+        return self._http.send(method, uri, headers, body)
+
+    def job_finished(self) -> None:
+        """The job's response is over: reuse the connection if the worker allowed it."""
+        if self.state is not State.BUSY:
+            return
+        self.jobs_done += 1
+        if self._http.reusable and not self._hub.draining_workers:
+            self._become_ready()
+        else:
+            self.state = State.CLOSED
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now (consumer gone mid-job, or a broken worker)."""
+        self._leave_pool()
+        self.transport.abortConnection()
+
+    def close(self) -> None:
+        """Close an idle connection (hub shutting down)."""
+        self._leave_pool()
+        self.transport.loseConnection()
+
+    # -- internals ----------------------------------------------------------
+
+    def _become_ready(self) -> None:
+        self.state = State.READY
+        self._hub.queue.connection_ready(self)
+
+    def _leave_pool(self) -> None:
+        if self.state is State.READY:
+            self._hub.queue.connection_gone(self)
+        self.state = State.CLOSED
+
+
+class WorkerFactory(Factory):
+    """Builds a :class:`WorkerConnection` for every accepted worker."""
+
+    noisy = False
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def buildProtocol(self, addr: IAddress) -> WorkerConnection:
+        return WorkerConnection(self._hub)

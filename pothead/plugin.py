@@ -1,0 +1,143 @@
+"""
+Command-line options of ``twistd pothead-hub`` and ``twistd pothead-worker``,
+parsed into the typed configs of :mod:`pothead.config`.
+
+``twisted/plugins/pothead_plugins.py`` only names these; keeping the code here
+keeps twistd's plugin scan cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import ConfigError, HubConfig, WorkerConfig, parse_count, parse_seconds, parse_size
+
+
+def _fail(error: ConfigError) -> usage.UsageError:
+    return usage.UsageError(str(error))
+
+
+class HubOptions(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a pothead hub: consumers send HTTP requests to --listen; workers dial in to --workers and "
+        "each idle worker connection takes the oldest queued request.  Addresses are Twisted server "
+        "endpoint strings (tcp:8080, tcp:port=8080:interface=127.0.0.1, ssl:..., unix:..., "
+        "systemd:domain=INET:index=0); --listen and --workers may be given several times."
+    )
+    optParameters = [
+        ["queue-timeout", None, "0", "Seconds a request may wait for a worker before 503 + Retry-After (0: wait forever)."],
+        ["max-queue", None, "0", "Queued requests beyond which new ones get 503 at once (0: unbounded)."],
+        ["max-body", None, "1G", "Largest request body accepted; larger gets 413 (bytes, or 64k, 10M, 1G)."],
+        ["max-header-size", None, "16k", "Largest request line plus headers; larger gets 431 (bytes or suffix)."],
+        ["drain-timeout", None, "30", "On SIGTERM, seconds to let queued and running jobs finish before giving up."],
+        ["consumer-timeout", None, "60", "Seconds before an idle consumer connection is closed (0: never)."],
+        ["retry-after", None, "5", "Seconds advertised in Retry-After on 503 responses."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["workers"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint for consumers (repeatable) [default: tcp:8080]."""
+        self["listen"].append(description)
+
+    def opt_workers(self, description: str) -> None:
+        """Endpoint for workers to connect to (repeatable) [default: tcp:4040]."""
+        self["workers"].append(description)
+
+    def postOptions(self) -> None:
+        try:
+            max_queue = parse_count(self["max-queue"], "--max-queue")
+            self.config = HubConfig(
+                listen=tuple(self["listen"]) or ("tcp:8080",),
+                workers=tuple(self["workers"]) or ("tcp:4040",),
+                queue_timeout=parse_seconds(self["queue-timeout"], "--queue-timeout"),
+                max_queue=max_queue or None,
+                max_body=parse_size(self["max-body"], "--max-body"),
+                max_header_bytes=max(1024, parse_size(self["max-header-size"], "--max-header-size")),
+                drain_timeout=parse_seconds(self["drain-timeout"], "--drain-timeout") or 0.0,
+                consumer_idle_timeout=parse_seconds(self["consumer-timeout"], "--consumer-timeout"),
+                retry_after=parse_count(self["retry-after"], "--retry-after") or 0,
+            )
+        except ConfigError as e:
+            raise _fail(e) from None
+
+
+class WorkerOptions(usage.Options):
+    synopsis = "[options] MODULE:APP"
+    longdesc = (
+        "Run a pothead worker: open connections OUT to one or more hubs and serve the WSGI app MODULE:APP "
+        "(default pothead.demo:app) on them, one job per connection at a time.  --connect takes HOST:PORT "
+        "or a Twisted client endpoint string (tcp:host=hub:port=4040, ssl:..., unix:path=...) and may be "
+        "given several times: every idle slot waits on every hub."
+    )
+    optParameters = [
+        ["threads", "t", "1", "Concurrent jobs: connections held open per hub and WSGI threads."],
+        ["drain-timeout", None, "0", "On SIGTERM, seconds to let running jobs finish before cutting them off (0: wait)."],
+        ["reconnect-max", None, "10", "Longest wait between attempts while a hub is unreachable (seconds)."],
+    ]
+    optFlags = [
+        ["no-keep-alive", None, "Close the hub connection after every job (like the reference worker)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["connect"] = []
+        self["app"] = "pothead.demo:app"
+
+    def opt_connect(self, description: str) -> None:
+        """Hub to connect to, HOST:PORT or endpoint (repeatable) [default: localhost:4040]."""
+        self["connect"].append(description)
+
+    def parseArgs(self, app: str | None = None) -> None:  # type: ignore[override]
+        if app is not None:
+            self["app"] = app
+
+    def postOptions(self) -> None:
+        try:
+            threads = parse_count(self["threads"], "--threads", minimum=1) or 1
+            self.config = WorkerConfig(
+                connect=tuple(self["connect"]) or ("localhost:4040",),
+                app=self["app"],
+                threads=threads,
+                keep_alive=not self["no-keep-alive"],
+                drain_timeout=parse_seconds(self["drain-timeout"], "--drain-timeout"),
+                reconnect_max=parse_seconds(self["reconnect-max"], "--reconnect-max", allow_zero=False) or 10.0,
+            )
+        except ConfigError as e:
+            raise _fail(e) from None
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def make_hub_service(options: HubOptions) -> IService:
+    from .hub.service import HubService
+
+    try:
+        return HubService(options.config, _reactor())
+    except ConfigError as e:
+        raise SystemExit(f"pothead-hub: {e}") from None
+
+
+def make_worker_service(options: WorkerOptions) -> IService:
+    from .worker.service import WorkerService
+    from .worker.wsgi import load_app
+
+    try:
+        app = load_app(options.config.app)
+        return WorkerService(options.config, app, _reactor())
+    except ConfigError as e:
+        raise SystemExit(f"pothead-worker: {e}") from None
+
+
+__all__ = ["HubOptions", "WorkerOptions", "make_hub_service", "make_worker_service"]

@@ -1,0 +1,172 @@
+"""
+The reverse server channel: a twisted.web HTTP *server* speaking over a
+connection the worker opened to a hub.
+
+:class:`ReverseChannel` is an ``HTTPChannel`` that reports to its
+:class:`~pothead.worker.slots.Link` (connected, lost) and can be *retired*:
+an idle connection is never just dropped, because the hub may already have
+written a request onto it.  Instead the worker sends an unsolicited
+``503`` + ``Pothead-Requeue: 1`` and closes; the hub reads that either as
+"this idle connection is going away" or, if its request crossed on the wire,
+as the answer to that request, and requeues the job at the head of its queue.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.wsgi import WSGIResource
+
+from ..headers import REQUEST_ID, choose_request_id
+from .wsgi import Flow, job_app
+
+if TYPE_CHECKING:
+    from .slots import Link, WorkerRuntime
+
+#: Written on an idle connection that the worker closes (drain, or a slot
+#: that took a job from another hub).
+RETIRE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Pothead-Requeue: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: 0\r\n"
+    b"\r\n"
+)
+
+#: The hub marks requests with this header when it will reuse the connection
+#: after a response that says ``Connection: keep-alive``.  Hubs that run one
+#: job per connection (the reference hub) do not send it, so our worker
+#: closes after the job instead of waiting forever on a connection that hub
+#: will never use again.
+REUSE = b"pothead-reuse"
+
+
+class JobRequest(Request):
+    """One job: a request from the hub, answered by the WSGI app."""
+
+    channel: ReverseChannel
+    _flow: Flow | None = None
+    _link: Link | None = None
+    request_id = "-"
+
+    def process(self) -> None:
+        # Keep the link: twisted.web drops request.channel before notifyFinish fires.
+        link = self._link = self.channel.link
+        self.request_id = choose_request_id(
+            [(n, v) for n, vs in self.requestHeaders.getAllRawHeaders() for v in vs if n.lower() == REQUEST_ID]
+        )
+        if link is None or not link.job_arrived(self):
+            self._requeue()
+            return
+        reusable = self.requestHeaders.getRawHeaders(REUSE, [b""])[0].strip() == b"1"
+        if reusable and link.keep_alive_after_job():
+            self.setHeader(b"connection", b"keep-alive")
+        else:
+            self.setHeader(b"connection", b"close")
+            self.channel.persistent = False
+        self.notifyFinish().addBoth(self._job_over)
+        super().process()
+
+    def _requeue(self) -> None:
+        # This worker is not taking jobs on this connection any more.
+        self.setResponseCode(503)
+        self.setHeader(b"pothead-requeue", b"1")
+        self.setHeader(b"connection", b"close")
+        self.setHeader(b"content-length", b"0")
+        self.channel.persistent = False
+        self.write(b"")
+        self.finish()
+
+    def _job_over(self, result: object) -> None:
+        link = self._link
+        if link is not None:
+            link.job_over(self, completed=not isinstance(result, Failure))
+
+    def start_flow(self) -> Flow:
+        self._flow = Flow()
+        self.registerProducer(self._flow, True)
+        return self._flow
+
+    def finish(self) -> None:
+        if self._flow is not None:
+            self._flow = None
+            self.unregisterProducer()
+        super().finish()
+
+
+class JobResource(Resource):
+    """Renders every request with the worker's WSGI app on its thread pool."""
+
+    isLeaf = True
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__()
+        self._runtime = runtime
+
+    def render(self, request: JobRequest) -> Any:  # type: ignore[override]
+        runtime = self._runtime
+        flow = request.start_flow()
+        link = request.channel.link
+        extras = link.environ_extras(request) if link is not None else {}
+        app = job_app(runtime.app, request.request_id, flow, extras)
+        WSGIResource(runtime.reactor, runtime.threadpool, app).render(request)
+        return NOT_DONE_YET
+
+
+class ReverseChannel(http.HTTPChannel):
+    """HTTPChannel over an outgoing connection, tied to one Link."""
+
+    link: Link | None = None
+    _log = Logger()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if ITCPTransport.providedBy(self.transport):
+            # Finds a hub that vanished without a FIN; an idle worker
+            # connection has no timeout of its own.
+            self.transport.setTcpKeepAlive(True)
+        if self.link is not None:
+            self.link.connected(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.link is not None:
+            self.link.lost(self, reason)
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+    def retire(self) -> None:
+        """Close without losing a request that may be on its way (see module doc)."""
+        if self.requests:
+            # A request is being read: JobRequest.process answers it with a
+            # requeue because the link no longer accepts jobs.
+            return
+        if self.transport.disconnecting:
+            return  # already closing after a Connection: close response
+        self.transport.write(RETIRE)
+        self.persistent = False
+        self.loseConnection()
+
+
+class ReverseSite(Site):
+    """The worker's Site: no idle timeout (idle is the normal state here)."""
+
+    protocol = ReverseChannel
+    requestFactory = JobRequest
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(JobResource(runtime), timeout=None)
+
+    def log(self, request: Request) -> None:
+        # The runtime writes one structured line per job instead.
+        pass

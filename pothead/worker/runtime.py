@@ -1,0 +1,140 @@
+"""
+The worker's runtime state: the app, its thread pool, the hubs and the slots.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from .channel import JobRequest, ReverseSite
+from .slots import HubTarget, Slot
+
+
+class RunningJob:
+    __slots__ = ("request_id", "started", "hub", "slot")
+
+    def __init__(self, request_id: str, started: float, hub: str, slot: int) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.hub = hub
+        self.slot = slot
+
+
+class WorkerRuntime:
+    """
+    Shared state of one worker process.
+
+    ``slots`` are the live slots; ``running`` the jobs in flight by request id.
+    Slot management (fixed count, or granted by a gate) is done by the owner
+    through :meth:`add_slot`.
+    """
+
+    _log = Logger(namespace="pothead.worker")
+
+    def __init__(
+        self,
+        reactor: Any,
+        app: Any,
+        targets: list[HubTarget],
+        *,
+        threads: int,
+        keep_alive: bool = True,
+    ) -> None:
+        self.reactor = reactor
+        self.app = app
+        self.targets = targets
+        self.keep_alive = keep_alive
+        self.threadpool = ThreadPool(minthreads=0, maxthreads=max(1, threads), name="pothead-wsgi")
+        self.site = ReverseSite(self)
+        self.slots: set[Slot] = set()
+        self.running: dict[str, RunningJob] = {}
+        self.totals: Counter[str] = Counter()
+        self.stopping = False
+        self._next_slot = 0
+        self.observers: list[Callable[[str, dict[str, object]], None]] = []
+        #: Extra WSGI environ entries per job (gating adds RESET_CPU_RESERVATION).
+        self.environ_hooks: list[Callable[[Slot, JobRequest], dict[str, Any]]] = []
+
+    def emit(self, event: str, **fields: object) -> None:
+        self.totals[event] += 1
+        for observer in self.observers:
+            observer(event, fields)
+
+    # -- slots ------------------------------------------------------------------
+
+    def add_slot(self, grant: Any = None) -> Slot:
+        self._next_slot += 1
+        slot = Slot(self, self._next_slot, grant)
+        slot.on_stopped = self._slot_stopped
+        self.slots.add(slot)
+        slot.start()
+        return slot
+
+    def _slot_stopped(self, slot: Slot) -> None:
+        self.slots.discard(slot)
+        self.emit("slot_stopped", slot=slot)
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(1 for slot in self.slots for link in slot.links.values() if link.idle)
+
+    def connected_hubs(self) -> int:
+        return sum(1 for target in self.targets if target.connections > 0)
+
+    # -- jobs -------------------------------------------------------------------
+
+    def environ_extras(self, slot: Slot, request: JobRequest) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        for hook in self.environ_hooks:
+            extras.update(hook(slot, request))
+        return extras
+
+    def job_started(self, slot: Slot, request: JobRequest, target: HubTarget) -> None:
+        now = self.reactor.seconds()
+        self.running[request.request_id] = RunningJob(request.request_id, now, target.description, slot.number)
+        request.started_at = now  # type: ignore[attr-defined]
+        self.emit("job_started", request_id=request.request_id)
+        self._log.info(
+            "[{request_id}] job started: {method} {path} from hub {hub} (slot {slot})",
+            request_id=request.request_id,
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1"),
+            hub=target.description,
+            slot=slot.number,
+        )
+
+    def job_finished(self, slot: Slot, request: JobRequest, target: HubTarget, completed: bool) -> None:
+        self.running.pop(request.request_id, None)
+        duration = self.reactor.seconds() - getattr(request, "started_at", self.reactor.seconds())
+        status = request.code if completed else None
+        self.emit("job_finished", status=status, duration=duration, completed=completed)
+        self._log.info(
+            "[{request_id}] job {outcome}: {method} {path} {status} {bytes}B in {duration:.3f}s",
+            request_id=request.request_id,
+            outcome="done" if completed else "aborted (hub connection lost)",
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1"),
+            status=status if status is not None else "-",
+            bytes=request.sentLength,
+            duration=duration,
+        )
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.threadpool.start()
+
+    def stop(self) -> Deferred[Any]:
+        """Close idle connections now; fires once every in-flight job has finished."""
+        self.stopping = True
+        busy = sum(1 for slot in self.slots if slot.request is not None)
+        self._log.info("worker stopping: closing idle connections, waiting for {busy} running jobs", busy=busy)
+        return DeferredList([slot.stop() for slot in list(self.slots)])
+
+    def stop_threads(self) -> None:
+        self.threadpool.stop()

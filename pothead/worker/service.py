@@ -1,0 +1,101 @@
+"""
+Wiring of the worker: hub targets, slots, the thread pool, and the drain on stop.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import clientFromString
+from twisted.logger import Logger
+
+from ..config import ConfigError, WorkerConfig
+from .runtime import WorkerRuntime
+from .slots import HubTarget
+
+_HOST_PORT = re.compile(r"\A(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:=\[\]]+)):(?P<port>\d{1,5})\Z")
+
+
+def client_endpoint_description(text: str) -> str:
+    """``host:port`` (the reference worker's form) -> ``tcp:host=...:port=...``; endpoint strings unchanged."""
+    match = _HOST_PORT.match(text.strip())
+    if match:
+        host = match.group("v6") or match.group("host")
+        host = host.replace(":", r"\:")
+        return f"tcp:host={host}:port={match.group('port')}"
+    return text
+
+
+def parse_client_endpoint(reactor: Any, text: str) -> Any:
+    description = client_endpoint_description(text)
+    try:
+        return clientFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(
+            f"--connect: {text!r} is not a hub address ({e}); use HOST:PORT or an endpoint like "
+            "tcp:host=hub.example:port=4040 or unix:path=/run/pothead-workers.sock"
+        ) from None
+
+
+class WorkerService(MultiService):
+    """
+    A running worker: ``threads`` slots, each holding a connection to every hub.
+
+    Stopping it (SIGTERM under twistd) retires idle connections at once, lets
+    running jobs finish, then stops the thread pool.
+    """
+
+    _log = Logger(namespace="pothead.worker")
+
+    def __init__(self, config: WorkerConfig, app: Any, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        targets = [
+            HubTarget(
+                client_endpoint_description(text),
+                parse_client_endpoint(reactor, text),
+                config.reconnect_initial,
+                config.reconnect_max,
+            )
+            for text in config.connect
+        ]
+        self.runtime = WorkerRuntime(
+            reactor, app, targets, threads=config.threads, keep_alive=config.keep_alive
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self.runtime.start()
+        self._log.info(
+            "worker starting: {threads} slots for app {app}, hubs {hubs}",
+            threads=self.config.threads,
+            app=self.config.app,
+            hubs=", ".join(t.description for t in self.runtime.targets),
+        )
+        for _ in range(self.config.threads):
+            self.runtime.add_slot()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        drained = self.runtime.stop()
+        if self.config.drain_timeout is not None:
+            drained.addTimeout(self.config.drain_timeout, self.reactor)
+        try:
+            yield drained
+        except Exception:
+            self._log.warn(
+                "drain timeout after {timeout}s with {n} jobs still running; closing their connections",
+                timeout=self.config.drain_timeout,
+                n=len(self.runtime.running),
+            )
+            for slot in list(self.runtime.slots):
+                for link in list(slot.links.values()):
+                    if link.channel is not None:
+                        link.channel.transport.abortConnection()
+        self.runtime.stop_threads()
+        yield MultiService.stopService(self)
+        self._log.info("worker stopped after {jobs} jobs", jobs=self.runtime.totals["job_finished"])

@@ -1,0 +1,128 @@
+"""
+Running the user's WSGI application: loading it, and the thin layer between
+``twisted.web.wsgi`` and the app (request id, error pages, flow control).
+
+Everything here except :func:`load_app` runs in a WSGI thread.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+from twisted.logger import Logger
+
+from ..config import ConfigError
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+_log = Logger(namespace="pothead.worker.app")
+
+
+def load_app(spec: str) -> Any:
+    """``"package.module:attribute"`` -> the object; errors are one clear line."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"app: {spec!r} is not MODULE:ATTRIBUTE (for example myapp.wsgi:application)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # Like the reference worker: apps next to where the worker runs import.
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ConfigError(
+                f"app: cannot import module {module_name!r} ({e}); check the name and that it is on PYTHONPATH"
+            ) from None
+        raise ConfigError(f"app: importing {module_name!r} failed: {e}") from None
+    except Exception as e:
+        raise ConfigError(f"app: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
+    obj: Any = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"app: module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(obj):
+        raise ConfigError(f"app: {spec!r} is not callable; it must be a WSGI application")
+    return obj
+
+
+class Flow:
+    """
+    Backpressure for one response, between the reactor and a WSGI thread.
+
+    Registered as a push producer on the twisted.web request: the reactor
+    pauses it when the connection's send buffer is full; the WSGI thread waits
+    in :meth:`wait` before producing the next chunk, so the app's iterator is
+    pulled only as fast as the peer reads.
+    """
+
+    def __init__(self) -> None:
+        self._writable = threading.Event()
+        self._writable.set()
+        self.stopped = False
+
+    # IPushProducer, called in the reactor thread
+    def pauseProducing(self) -> None:
+        self._writable.clear()
+
+    def resumeProducing(self) -> None:
+        self._writable.set()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._writable.set()
+
+    # called in the WSGI thread
+    def wait(self) -> None:
+        while not self._writable.wait(1.0):
+            if self.stopped:
+                return
+
+
+def error_page(request_id: str) -> bytes:
+    return f"500 Internal Server Error: the application failed (request id {request_id})\n".encode()
+
+
+def job_app(app: WSGIApp, request_id: str, flow: Flow, extra_environ: dict[str, Any]) -> WSGIApp:
+    """
+    ``app`` as seen by one job: ``REQUEST_ID`` (and ``extra_environ``) in its
+    environ, a 500 page carrying the request id when it fails before sending
+    anything, and each chunk pulled only when the connection can take it.
+    """
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        environ["REQUEST_ID"] = request_id
+        environ.update(extra_environ)
+        sent_body = False
+        result: Iterable[bytes] | None = None
+        try:
+            result = app(environ, start_response)
+            for chunk in result:
+                if chunk:
+                    sent_body = True
+                yield chunk
+                flow.wait()
+        except GeneratorExit:
+            raise
+        except Exception:
+            _log.failure("[{request_id}] application error", request_id=request_id)
+            if sent_body:
+                raise  # twisted.web drops the connection: the peer sees a truncated body
+            body = error_page(request_id)
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+                sys.exc_info(),
+            )
+            yield body
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    return application
