@@ -1,0 +1,96 @@
+"""
+``python3 -m pothead.worker [--connect host:port] [--workers N | --poll-jobs]
+[--redirect-response PORT] [--inspection-port PORT] [--use-request-subprocess]
+[module:app]``: the reference POTHEAD worker's command line, running our worker.
+
+Options keep the reference meaning.  One that our worker does not support
+yet stops the worker with a one-line message rather than being ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..config import ConfigError, WorkerConfig
+
+DEFAULT_APP = "pothead.worker:demo_app"
+
+#: Options accepted for compatibility whose feature is not built yet.
+UNSUPPORTED = {
+    "redirect_response": "--redirect-response is not supported by this version of pothead's worker yet",
+    "inspection_port": "--inspection-port is not supported by this version of pothead's worker yet",
+    "use_request_subprocess": "--use-request-subprocess is not supported by pothead's worker; "
+    "run the app in its own process with twistd pothead-worker instead",
+}
+
+
+def _default_workers() -> int:
+    text = os.environ.get("POTHEAD_WORKERS", "1")
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise SystemExit(f"pothead.worker: POTHEAD_WORKERS={text!r} is not a whole number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_workers = _default_workers()
+    parser = argparse.ArgumentParser(
+        prog="python3 -m pothead.worker",
+        description="Run a WSGI app as a pothead worker (reference-compatible command line; "
+        "see `twistd pothead-worker --help` for more).",
+    )
+    parser.add_argument("--connect", default="localhost:4040", help="Hub to connect to [host:port] (default: localhost:4040)")
+    parser.add_argument(
+        "--redirect-response",
+        default=None,
+        metavar="PORT",
+        help="Redirect successful responses to this port of the worker",
+    )
+    parser.add_argument("--inspection-port", default=None, type=int, metavar="PORT", help="Serve a small inspection API on PORT")
+    parser.add_argument("--use-request-subprocess", action="store_true", help="Not supported (reference option)")
+    jobs = parser.add_mutually_exclusive_group()
+    jobs.add_argument(
+        "--workers",
+        default=default_workers,
+        type=int,
+        help=f"Number of concurrent jobs (default: $POTHEAD_WORKERS or 1, now {default_workers})",
+    )
+    jobs.add_argument("--poll-jobs", action="store_true", help="Use app.wait_for_slot to decide when to take a job")
+    parser.add_argument("app", nargs="?", default=DEFAULT_APP, help=f"WSGI app as module:attribute (default: {DEFAULT_APP})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, message in UNSUPPORTED.items():
+        if getattr(args, name):
+            print(f"pothead.worker: {message}", file=sys.stderr)
+            return 2
+    if args.workers < 1:
+        print(f"pothead.worker: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.poll_jobs:
+        print("pothead.worker: --poll-jobs is not supported by this version of pothead's worker yet", file=sys.stderr)
+        return 2
+    config = WorkerConfig(connect=(args.connect,), app=args.app, threads=args.workers)
+
+    def make(reactor: Any) -> Any:
+        from .service import WorkerService
+        from .wsgi import load_app
+
+        return WorkerService(config, load_app(config.app), reactor)
+
+    from ..foreground import run
+
+    try:
+        return run(make, "pothead.worker")
+    except ConfigError as e:
+        print(f"pothead.worker: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
