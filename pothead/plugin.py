@@ -84,6 +84,12 @@ class WorkerOptions(usage.Options):
     ]
     optFlags = [
         ["no-keep-alive", None, "Close the hub connection after every job (like the reference worker)."],
+        [
+            "poll-jobs",
+            None,
+            "Take jobs as the app's wait_for_slot(halt) grants slots (e.g. pothead.gating.wait_for_idle_cpus); "
+            "the thread pool follows the number of slots.  Excludes --threads.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -102,7 +108,10 @@ class WorkerOptions(usage.Options):
     def postOptions(self) -> None:
         try:
             threads = parse_count(self["threads"], "--threads", minimum=1) or 1
+            if self["poll-jobs"] and self["threads"] != "1":
+                raise ConfigError("--poll-jobs and --threads exclude each other: the gate decides how many jobs run")
             self.config = WorkerConfig(
+                poll_jobs=bool(self["poll-jobs"]),
                 connect=tuple(self["connect"]) or ("localhost:4040",),
                 app=self["app"],
                 threads=threads,

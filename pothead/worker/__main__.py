@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"pothead.worker: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
-    if args.poll_jobs:
-        print("pothead.worker: --poll-jobs is not supported by this version of pothead's worker yet", file=sys.stderr)
-        return 2
-    config = WorkerConfig(connect=(args.connect,), app=args.app, threads=args.workers)
+    config = WorkerConfig(connect=(args.connect,), app=args.app, threads=args.workers, poll_jobs=args.poll_jobs)
 
     def make(reactor: Any) -> Any:
         from .service import WorkerService

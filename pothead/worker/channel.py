@@ -113,8 +113,8 @@ class JobResource(Resource):
         runtime = self._runtime
         flow = request.start_flow()
         link = request.channel.link
-        extras = link.environ_extras(request) if link is not None else {}
-        app = job_app(runtime.app, request.request_id, flow, extras)
+        prepare = link.slot.prepare_environ if link is not None else None
+        app = job_app(runtime.app, request.request_id, flow, prepare)
         WSGIResource(runtime.reactor, runtime.threadpool, app).render(request)
         return NOT_DONE_YET
 

@@ -57,8 +57,6 @@ class WorkerRuntime:
         self.stopping = False
         self._next_slot = 0
         self.observers: list[Callable[[str, dict[str, object]], None]] = []
-        #: Extra WSGI environ entries per job (gating adds RESET_CPU_RESERVATION).
-        self.environ_hooks: list[Callable[[Slot, JobRequest], dict[str, Any]]] = []
 
     def emit(self, event: str, **fields: object) -> None:
         self.totals[event] += 1
@@ -72,12 +70,20 @@ class WorkerRuntime:
         slot = Slot(self, self._next_slot, grant)
         slot.on_stopped = self._slot_stopped
         self.slots.add(slot)
+        self._size_pool()
         slot.start()
         return slot
 
     def _slot_stopped(self, slot: Slot) -> None:
         self.slots.discard(slot)
+        self._size_pool()
         self.emit("slot_stopped", slot=slot)
+
+    def _size_pool(self) -> None:
+        # One WSGI thread per slot: a slot runs at most one job.
+        size = max(1, len(self.slots))
+        if size != self.threadpool.max:
+            self.threadpool.adjustPoolsize(0, size)
 
     @property
     def idle_connections(self) -> int:
@@ -87,12 +93,6 @@ class WorkerRuntime:
         return sum(1 for target in self.targets if target.connections > 0)
 
     # -- jobs -------------------------------------------------------------------
-
-    def environ_extras(self, slot: Slot, request: JobRequest) -> dict[str, Any]:
-        extras: dict[str, Any] = {}
-        for hook in self.environ_hooks:
-            extras.update(hook(slot, request))
-        return extras
 
     def job_started(self, slot: Slot, request: JobRequest, target: HubTarget) -> None:
         now = self.reactor.seconds()

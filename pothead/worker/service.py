@@ -13,6 +13,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from ..config import ConfigError, WorkerConfig
+from .polling import SlotPoller
 from .runtime import WorkerRuntime
 from .slots import HubTarget
 
@@ -66,21 +67,37 @@ class WorkerService(MultiService):
         self.runtime = WorkerRuntime(
             reactor, app, targets, threads=config.threads, keep_alive=config.keep_alive
         )
+        self.poller: SlotPoller | None = None
+        if config.poll_jobs:
+            wait_for_slot = getattr(app, "wait_for_slot", None)
+            if not callable(wait_for_slot):
+                raise ConfigError(
+                    f"--poll-jobs: the app {config.app} has no wait_for_slot; add e.g. "
+                    "app.wait_for_slot = pothead.gating.wait_for_idle_cpus(1), or use --threads N"
+                )
+            self.poller = SlotPoller(self.runtime, wait_for_slot)
 
     def startService(self) -> None:
         super().startService()
         self.runtime.start()
         self._log.info(
-            "worker starting: {threads} slots for app {app}, hubs {hubs}",
-            threads=self.config.threads,
+            "worker starting: {slots} for app {app}, hubs {hubs}",
+            slots="slots granted by the app's wait_for_slot"
+            if self.poller is not None
+            else f"{self.config.threads} slots",
             app=self.config.app,
             hubs=", ".join(t.description for t in self.runtime.targets),
         )
-        for _ in range(self.config.threads):
-            self.runtime.add_slot()
+        if self.poller is not None:
+            self.poller.start()
+        else:
+            for _ in range(self.config.threads):
+                self.runtime.add_slot()
 
     @inlineCallbacks
     def stopService(self) -> Any:
+        # halt() turns true first, so a gate blocked in wait_for_slot returns.
+        poller_stopped = self.poller.stop() if self.poller is not None else None
         drained = self.runtime.stop()
         if self.config.drain_timeout is not None:
             drained.addTimeout(self.config.drain_timeout, self.reactor)
@@ -96,6 +113,8 @@ class WorkerService(MultiService):
                 for link in list(slot.links.values()):
                     if link.channel is not None:
                         link.channel.transport.abortConnection()
+        if poller_stopped is not None:
+            yield poller_stopped
         self.runtime.stop_threads()
         yield MultiService.stopService(self)
         self._log.info("worker stopped after {jobs} jobs", jobs=self.runtime.totals["job_finished"])

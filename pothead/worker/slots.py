@@ -157,9 +157,6 @@ class Link:
     def job_over(self, request: JobRequest, completed: bool) -> None:
         self.slot.job_over(self, request, completed)
 
-    def environ_extras(self, request: JobRequest) -> dict[str, Any]:
-        return self.slot.environ_extras(request)
-
     # -- called by the slot ---------------------------------------------------
 
     def retire(self) -> None:
@@ -198,6 +195,7 @@ class Slot:
         self.number = number
         #: The gate's grant (``--poll-jobs``): released when the slot ends.
         self.grant = grant
+        self._released = False
         self.state = SlotState.IDLE
         self.links: dict[HubTarget, Link] = {}
         self.busy_link: Link | None = None
@@ -264,7 +262,9 @@ class Slot:
         self.jobs += 1
         self.runtime.job_finished(self, request, link.target, completed)
         if self.grant is not None:
-            # A gate's grant covers one job: the slot ends with it.
+            # A gate's grant covers one job: release it now (the gate may
+            # start another job) and end the slot.
+            self.release_grant()
             self._begin_stop()
         elif self.runtime.stopping:
             self._begin_stop()
@@ -273,8 +273,19 @@ class Slot:
             for target in self.runtime.targets:
                 self._open(target)
 
-    def environ_extras(self, request: JobRequest) -> dict[str, Any]:
-        return self.runtime.environ_extras(self, request)
+    def prepare_environ(self, environ: dict[str, Any]) -> None:
+        """Runs in the WSGI thread before the app: the gate learns the job started."""
+        received = getattr(self.grant, "request_received", None)
+        if received is not None:
+            received(environ)
+
+    def release_grant(self) -> None:
+        grant = self.grant
+        if grant is not None and not self._released:
+            self._released = True
+            from .polling import release
+
+            release(grant)
 
     # -- stopping -------------------------------------------------------------
 
@@ -298,6 +309,7 @@ class Slot:
     def _maybe_stopped(self) -> None:
         if self.state is SlotState.STOPPING and not self.links:
             self.state = SlotState.STOPPED
+            self.release_grant()
             if self.on_stopped is not None:
                 self.on_stopped(self)
             if self._stopped is not None:

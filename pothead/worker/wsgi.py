@@ -88,19 +88,22 @@ def error_page(request_id: str) -> bytes:
     return f"500 Internal Server Error: the application failed (request id {request_id})\n".encode()
 
 
-def job_app(app: WSGIApp, request_id: str, flow: Flow, extra_environ: dict[str, Any]) -> WSGIApp:
+def job_app(
+    app: WSGIApp, request_id: str, flow: Flow, prepare_environ: Callable[[dict[str, Any]], None] | None = None
+) -> WSGIApp:
     """
-    ``app`` as seen by one job: ``REQUEST_ID`` (and ``extra_environ``) in its
-    environ, a 500 page carrying the request id when it fails before sending
+    ``app`` as seen by one job: ``REQUEST_ID`` in its environ (and whatever
+    ``prepare_environ`` adds: the gate's ``request_received`` runs there), a 500 page carrying the request id when it fails before sending
     anything, and each chunk pulled only when the connection can take it.
     """
 
     def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
         environ["REQUEST_ID"] = request_id
-        environ.update(extra_environ)
         sent_body = False
         result: Iterable[bytes] | None = None
         try:
+            if prepare_environ is not None:
+                prepare_environ(environ)
             result = app(environ, start_response)
             for chunk in result:
                 if chunk:
