@@ -15,7 +15,7 @@ class ConfigError(ValueError):
     """A configuration mistake, worded for the operator."""
 
 
-_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*\Z", re.IGNORECASE)
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b?)|b)?\s*\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -24,7 +24,7 @@ def parse_size(text: str, option: str) -> int:
     match = _SIZE.match(str(text))
     if not match:
         raise ConfigError(f"{option}: {text!r} is not a size; use bytes or a suffix like 64k, 10M, 1.5G")
-    number, unit = float(match.group(1)), match.group(2).lower()
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
     return int(number * _UNITS[unit])
 
 
@@ -40,6 +40,8 @@ def parse_seconds(text: str | float | None, option: str, *, allow_zero: bool = T
         raise ConfigError(f"{option}: {text!r} is not a number of seconds") from None
     if value < 0 or value != value:
         raise ConfigError(f"{option}: must be >= 0, got {text!r}")
+    if value == float("inf"):
+        return None
     if value == 0:
         if allow_zero:
             return None
@@ -79,6 +81,8 @@ class HubConfig:
     consumer_idle_timeout: float | None = 60.0
     #: ``Retry-After`` seconds sent with queue-timeout and queue-full 503s.
     retry_after: int = 5
+    #: Keep X-Forwarded-Proto/-Host set by a proxy in front (else the hub's own view).
+    trust_forwarded: bool = False
     #: Label for the hub in logs.
     name: str = "hub"
     extra: dict[str, str] = field(default_factory=dict)

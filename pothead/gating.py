@@ -56,11 +56,14 @@ from .config import parse_size
 
 __all__ = [
     "AllOf",
+    "CombinedGrant",
     "CpuGate",
     "Gate",
     "Grant",
     "Halt",
     "MemoryGate",
+    "ReservationGrant",
+    "ReservingGate",
     "SystemResources",
     "WaitForSlot",
     "all_of",
@@ -263,7 +266,7 @@ class Gate(ABC):
         self._mean_wait = Smoothed(1.0, 0.7)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} granted={self.granted}>"
+        return f"<{type(self).__name__} granted={len(self._grants)}>"
 
     # -- public -----------------------------------------------------------------
 
@@ -449,6 +452,8 @@ class ReservingGate(Gate):
 
     def _reset(self, grant: ReservationGrant, amount: float) -> None:
         with self._lock:
+            if grant not in self._grants:
+                return  # done already: nothing is reserved for it
             freed = amount < grant.reservation
             grant.reservation = amount
         if freed:
@@ -562,7 +567,7 @@ class CpuGate(ReservingGate):
         self.used_cpus: float | None = None
 
     def __repr__(self) -> str:
-        return f"<CpuGate required={self.required:g} granted={self.granted}/{self.max_concurrent}>"
+        return f"<CpuGate required={self.required:g} granted={len(self._grants)}/{self.max_concurrent}>"
 
     @property
     def keep_cpu_reservation(self) -> bool:
@@ -673,7 +678,7 @@ class MemoryGate(ReservingGate):
         self.available_bytes: float | None = None
 
     def __repr__(self) -> str:
-        return f"<MemoryGate required={self.required:.0f}B granted={self.granted}/{self.max_concurrent}>"
+        return f"<MemoryGate required={self.required:.0f}B granted={len(self._grants)}/{self.max_concurrent}>"
 
     def _amount(self, value: float | str, what: str) -> float:
         return float(_bytes(value, what))
@@ -770,13 +775,14 @@ class AllOf(Gate):
             member._watchers.append(self._wakeup)
 
     def __repr__(self) -> str:
-        return f"<AllOf {list(self.gates)!r} granted={self.granted}>"
+        return f"<AllOf {list(self.gates)!r} granted={len(self._grants)}>"
 
     def _gates(self) -> list[Gate]:
         return [self] + [g for gate in self.gates for g in gate._gates()]
 
     def _locks(self) -> list[threading.Lock]:
-        unique = {id(lock): lock for gate in self._gates() for lock in gate._locks()}
+        # One global order (by id) for every combination: no two can deadlock.
+        unique = {id(gate._lock): gate._lock for gate in self._gates()}
         return [unique[key] for key in sorted(unique)]
 
     def _begin(self, now: float, interval: float) -> Readings:

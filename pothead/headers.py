@@ -99,15 +99,21 @@ def forwarded_request_headers(
     host: bytes | None,
     request_id: str,
     reuse: bool = True,
+    trust_forwarded: bool = False,
 ) -> HeaderList:
     """
     The headers the hub sends to a worker for a consumer request: end-to-end
-    headers, ``X-Forwarded-For`` extended with the consumer's address,
-    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` set unless a trusted proxy
-    already set them, and ``X-Request-Id``.  Body framing is not included.
+    headers, ``X-Forwarded-For`` extended with the consumer's address (the
+    usual chain: only its right end is the hub's own observation),
+    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` as the hub saw them -- or,
+    with ``trust_forwarded`` (the hub runs behind a proxy that sets them),
+    kept when present -- and ``X-Request-Id``.  Body framing is not included.
     """
     # Pothead-* headers are the hub's words to the worker; a consumer cannot send them.
-    out = [(n, v) for n, v in end_to_end(headers, drop=REFRAMED | {REQUEST_ID}) if not n.lower().startswith(b"pothead-")]
+    drop = REFRAMED | {REQUEST_ID}
+    if not trust_forwarded:
+        drop = drop | {b"x-forwarded-proto", b"x-forwarded-host"}
+    out = [(n, v) for n, v in end_to_end(headers, drop=drop) if not n.lower().startswith(b"pothead-")]
     have = {name.lower() for name, _ in out}
     if client_address:
         previous = [value for name, value in out if name.lower() == b"x-forwarded-for"]

@@ -38,6 +38,14 @@ class HubOptions(usage.Options):
         ["retry-after", None, "5", "Seconds advertised in Retry-After on 503 responses."],
     ]
 
+    optFlags = [
+        [
+            "trust-forwarded",
+            None,
+            "Keep X-Forwarded-Proto/-Host set by a proxy in front of the hub (default: replace them with the hub's view).",
+        ],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
@@ -64,6 +72,7 @@ class HubOptions(usage.Options):
                 drain_timeout=parse_seconds(self["drain-timeout"], "--drain-timeout") or 0.0,
                 consumer_idle_timeout=parse_seconds(self["consumer-timeout"], "--consumer-timeout"),
                 retry_after=parse_count(self["retry-after"], "--retry-after") or 0,
+                trust_forwarded=bool(self["trust-forwarded"]),
             )
         except ConfigError as e:
             raise _fail(e) from None

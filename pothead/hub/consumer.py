@@ -119,6 +119,7 @@ class ProxyJob:
             scheme="https" if request.isSecure() else "http",
             host=request.getHeader(b"host"),
             request_id=self.request_id,
+            trust_forwarded=hub.config.trust_forwarded,
         )
         self.has_body = request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
             b"transfer-encoding"
@@ -150,7 +151,7 @@ class ProxyJob:
     def _enqueue(self, *, front: bool) -> None:
         self.state = JobState.QUEUED
         try:
-            waiting = self.hub.queue.get_connection(front=front)
+            waiting = self.hub.queue.get_connection(front=front, since=self.arrived)
         except QueueFull:
             self._fail(503, "the queue is full; retry later", reason="queue_full", retry_after=True)
             return

@@ -59,14 +59,15 @@ class JobQueue(Generic[C]):
 
     # -- jobs ---------------------------------------------------------------
 
-    def get_connection(self, *, front: bool = False) -> Deferred[C]:
+    def get_connection(self, *, front: bool = False, since: float | None = None) -> Deferred[C]:
         """
         A Deferred that fires with a ready connection for one job.
 
         ``front=True`` puts the job at the head of the queue (a requeue after a
         stale connection or a draining worker).  Raises :class:`QueueFull`
         when a new job would exceed ``max_queue``.  Cancel the Deferred to
-        withdraw the job.
+        withdraw the job.  ``since`` is when the job first arrived (a
+        requeued job keeps its original arrival time for :meth:`oldest_wait`).
         """
         if self._ready:
             connection = next(iter(self._ready))
@@ -82,7 +83,7 @@ class JobQueue(Generic[C]):
                 self._compact()
 
         deferred: Deferred[C] = Deferred(cancel)
-        waiter = _Waiter(deferred, self._clock())
+        waiter = _Waiter(deferred, self._clock() if since is None else since)
         if front:
             self._waiters.appendleft(waiter)
         else:
@@ -136,9 +137,12 @@ class JobQueue(Generic[C]):
         """Seconds the oldest waiting job has waited (0 when none waits)."""
         while self._waiters and not self._waiters[0].active:
             self._waiters.popleft()
-        if self._waiters:
-            return max(0.0, self._clock() - self._waiters[0].since)
-        return 0.0
+        if not self._waiters:
+            return 0.0
+        # Usually the head, but a requeued job at the head may be younger than
+        # jobs behind it; the deque is bounded (see _compact), so scan it.
+        oldest = min(w.since for w in self._waiters if w.active)
+        return max(0.0, self._clock() - oldest)
 
     def is_ready(self, connection: C) -> bool:
         return connection in self._ready
