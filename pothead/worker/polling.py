@@ -62,7 +62,7 @@ class SlotPoller:
         if self._halted:
             release(grant)
             return
-        slot = self._runtime.add_slot(grant)
+        slot = self._runtime.add_slot(grant, gated=True)
         self._runtime.emit("slot_granted", slot=slot)
         self._ask()
 

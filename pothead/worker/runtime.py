@@ -65,9 +65,9 @@ class WorkerRuntime:
 
     # -- slots ------------------------------------------------------------------
 
-    def add_slot(self, grant: Any = None) -> Slot:
+    def add_slot(self, grant: Any = None, *, gated: bool = False) -> Slot:
         self._next_slot += 1
-        slot = Slot(self, self._next_slot, grant)
+        slot = Slot(self, self._next_slot, grant, gated=gated)
         slot.on_stopped = self._slot_stopped
         self.slots.add(slot)
         self._size_pool()

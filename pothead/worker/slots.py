@@ -190,10 +190,12 @@ class Slot:
 
     _log = Logger()
 
-    def __init__(self, runtime: WorkerRuntime, number: int, grant: Any = None) -> None:
+    def __init__(self, runtime: WorkerRuntime, number: int, grant: Any = None, *, gated: bool = False) -> None:
         self.runtime = runtime
         self.number = number
-        #: The gate's grant (``--poll-jobs``): released when the slot ends.
+        #: A gated slot (``--poll-jobs``) takes one job, then releases its grant and ends.
+        self.gated = gated
+        #: The gate's grant (may be None: the contract allows any object).
         self.grant = grant
         self._released = False
         self.state = SlotState.IDLE
@@ -252,7 +254,7 @@ class Slot:
         return True
 
     def keep_alive_after_job(self) -> bool:
-        return self.grant is None and self.runtime.keep_alive and not self.runtime.stopping
+        return not self.gated and self.runtime.keep_alive and not self.runtime.stopping
 
     def job_over(self, link: Link, request: JobRequest, completed: bool) -> None:
         if request is not self.request:
@@ -261,7 +263,7 @@ class Slot:
         self.busy_link = None
         self.jobs += 1
         self.runtime.job_finished(self, request, link.target, completed)
-        if self.grant is not None:
+        if self.gated:
             # A gate's grant covers one job: release it now (the gate may
             # start another job) and end the slot.
             self.release_grant()
@@ -281,7 +283,7 @@ class Slot:
 
     def release_grant(self) -> None:
         grant = self.grant
-        if grant is not None and not self._released:
+        if self.gated and not self._released:
             self._released = True
             from .polling import release
 
