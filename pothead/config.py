@@ -8,7 +8,7 @@ wrong and how to fix it; the command-line front ends print it and exit 2.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -83,9 +83,10 @@ class HubConfig:
     retry_after: int = 5
     #: Keep X-Forwarded-Proto/-Host set by a proxy in front (else the hub's own view).
     trust_forwarded: bool = False
-    #: Label for the hub in logs.
-    name: str = "hub"
-    extra: dict[str, str] = field(default_factory=dict)
+    #: Endpoint for /metrics, /healthz and /readyz (None: not served).
+    metrics: str | None = None
+    #: PROMETHEUS_MULTIPROC_DIR (already wiped), for the multiprocess view.
+    multiprocess_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,7 @@ class WorkerConfig:
     keep_alive: bool = True
     #: Seconds SIGTERM waits for in-flight jobs (None: as long as they take).
     drain_timeout: float | None = None
+    #: Endpoint for /metrics, /healthz and /readyz (None: not served).
+    metrics: str | None = None
+    #: PROMETHEUS_MULTIPROC_DIR (already wiped), for the multiprocess view.
+    multiprocess_dir: str | None = None

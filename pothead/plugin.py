@@ -36,6 +36,9 @@ class HubOptions(usage.Options):
         ["drain-timeout", None, "30", "On SIGTERM, seconds to let queued and running jobs finish before giving up."],
         ["consumer-timeout", None, "60", "Seconds before an idle consumer connection is closed (0: never)."],
         ["retry-after", None, "5", "Seconds advertised in Retry-After on 503 responses."],
+        ["metrics", None, None, "Endpoint for /metrics, /healthz and /readyz, e.g. tcp:9090:interface=127.0.0.1 "
+         "(default: none; with $PROMETHEUS_MULTIPROC_DIR set, tcp:$PROMETHEUS_PORT or tcp:9090)."],
+        ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
     ]
 
     optFlags = [
@@ -73,7 +76,9 @@ class HubOptions(usage.Options):
                 consumer_idle_timeout=parse_seconds(self["consumer-timeout"], "--consumer-timeout"),
                 retry_after=parse_count(self["retry-after"], "--retry-after") or 0,
                 trust_forwarded=bool(self["trust-forwarded"]),
+                metrics=self["metrics"],
             )
+            _check_log_format(self["log-format"])
         except ConfigError as e:
             raise _fail(e) from None
 
@@ -90,6 +95,9 @@ class WorkerOptions(usage.Options):
         ["threads", "t", "1", "Concurrent jobs: connections held open per hub and WSGI threads."],
         ["drain-timeout", None, "0", "On SIGTERM, seconds to let running jobs finish before cutting them off (0: wait)."],
         ["reconnect-max", None, "10", "Longest wait between attempts while a hub is unreachable (seconds)."],
+        ["metrics", None, None, "Endpoint for /metrics, /healthz and /readyz, e.g. tcp:9091:interface=127.0.0.1 "
+         "(default: none; with $PROMETHEUS_MULTIPROC_DIR set, tcp:$PROMETHEUS_PORT or tcp:9090)."],
+        ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
     ]
     optFlags = [
         ["no-keep-alive", None, "Close the hub connection after every job (like the reference worker)."],
@@ -127,9 +135,26 @@ class WorkerOptions(usage.Options):
                 keep_alive=not self["no-keep-alive"],
                 drain_timeout=parse_seconds(self["drain-timeout"], "--drain-timeout"),
                 reconnect_max=parse_seconds(self["reconnect-max"], "--reconnect-max", allow_zero=False) or 10.0,
+                metrics=self["metrics"],
             )
+            _check_log_format(self["log-format"])
         except ConfigError as e:
             raise _fail(e) from None
+
+
+def _check_log_format(value: str) -> None:
+    if value not in ("text", "json"):
+        raise ConfigError(f"--log-format: {value!r} is not text or json")
+
+
+def _with_metrics(config: Any) -> Any:
+    """Resolve --metrics / PROMETHEUS_* (wiping the multiprocess directory) before any metric exists."""
+    from dataclasses import replace
+
+    from .promdir import metrics_endpoint
+
+    endpoint, directory = metrics_endpoint(config.metrics)
+    return replace(config, metrics=endpoint, multiprocess_dir=directory)
 
 
 def _reactor() -> Any:
@@ -139,21 +164,31 @@ def _reactor() -> Any:
 
 
 def make_hub_service(options: HubOptions) -> IService:
-    from .hub.service import HubService
+    from .logs import observer_for
 
     try:
-        return HubService(options.config, _reactor())
+        config = _with_metrics(options.config)
+        from .hub.service import HubService
+
+        service = HubService(config, _reactor())
+        service.log_observer = observer_for(options["log-format"])
+        return service
     except ConfigError as e:
         raise SystemExit(f"pothead-hub: {e}") from None
 
 
 def make_worker_service(options: WorkerOptions) -> IService:
-    from .worker.service import WorkerService
-    from .worker.wsgi import load_app
+    from .logs import observer_for
 
     try:
-        app = load_app(options.config.app)
-        return WorkerService(options.config, app, _reactor())
+        config = _with_metrics(options.config)
+        from .worker.service import WorkerService
+        from .worker.wsgi import load_app
+
+        app = load_app(config.app)
+        service = WorkerService(config, app, _reactor())
+        service.log_observer = observer_for(options["log-format"])
+        return service
     except ConfigError as e:
         raise SystemExit(f"pothead-worker: {e}") from None
 

@@ -196,7 +196,7 @@ class ProxyJob:
         if self.consumer_gone or self.state is not JobState.DISPATCHED:
             return
         if failure.check(NotDelivered):
-            self._requeue(f"request not delivered to {self.worker} ({failure.getErrorMessage()})")
+            self._requeue(f"request not delivered to {self.worker} ({failure.getErrorMessage()})", "not_delivered")
         elif failure.check(WorkerFailed):
             self._fail(
                 502,
@@ -210,9 +210,9 @@ class ProxyJob:
         if self.connection is not None:
             self.connection.abort()
 
-    def _requeue(self, why: str) -> None:
+    def _requeue(self, why: str, reason: str) -> None:
         self.requeues += 1
-        self.hub.emit("requeue")
+        self.hub.emit("requeue", reason=reason)
         self._log.info("[{request_id}] requeued at the head of the queue: {why}", request_id=self.request_id, why=why)
         self.connection = None
         self.worker = None
@@ -227,7 +227,7 @@ class ProxyJob:
         if asks_requeue(response.code, response.headers):
             response.deliver(_Discard())
             connection.job_finished()
-            self._requeue(f"worker {self.worker} is draining")
+            self._requeue(f"worker {self.worker} is draining or retiring the connection", "worker_draining")
             return
         self.state = JobState.STREAMING
         self.status = response.code
@@ -371,6 +371,7 @@ class ProxyJob:
             status=self.status,
             queue_wait=queue_wait,
             job_time=job_time,
+            dispatched=self.dispatched_at is not None,
         )
         self._log.info(
             "[{request_id}] {method} {path} {status} {bytes}B queue={queue_wait:.3f}s job={job_time:.3f}s "

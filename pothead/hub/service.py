@@ -13,12 +13,13 @@ from twisted.logger import Logger
 
 from ..config import HubConfig
 from ..listening import Listener
+from ..logs import LogFormatMixin
 from .consumer import ConsumerSite
 from .dispatch import Hub
 from .workers import WorkerFactory
 
 
-class HubService(MultiService):
+class HubService(LogFormatMixin, MultiService):
     """
     A running hub.
 
@@ -42,6 +43,25 @@ class HubService(MultiService):
         self.worker_listeners = [Listener(reactor, d, self.worker_factory, "workers") for d in config.workers]
         for listener in self.consumer_listeners + self.worker_listeners:
             listener.setServiceParent(self)
+        self.operator_listener: Listener | None = None
+        if config.metrics is not None:
+            from twisted.web.server import Site
+
+            from .. import metrics
+
+            metrics.observe_hub(self.hub)
+            resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
+            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics")
+            self.operator_listener.setServiceParent(self)
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: listening for consumers and workers, and not draining."""
+        if self.hub.draining:
+            return False, "draining"
+        unbound = [l.description for l in self.consumer_listeners + self.worker_listeners if l.port is None]
+        if unbound:
+            return False, "not listening on " + ", ".join(unbound)
+        return True, f"ready: {self.hub.queue.waiting} queued, {self.hub.queue.ready} worker connections ready"
 
     def startService(self) -> None:
         super().startService()
@@ -57,8 +77,11 @@ class HubService(MultiService):
 
     def when_listening(self) -> Deferred[Any]:
         """Fires once every listener is bound (fails if one cannot bind)."""
+        listeners = self.consumer_listeners + self.worker_listeners
+        if self.operator_listener is not None:
+            listeners.append(self.operator_listener)
         return DeferredList(
-            [listener.when_listening() for listener in self.consumer_listeners + self.worker_listeners],
+            [listener.when_listening() for listener in listeners],
             fireOnOneErrback=True,
             consumeErrors=True,
         )

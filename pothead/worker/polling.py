@@ -41,6 +41,7 @@ class SlotPoller:
         self._halted = False
         self._asking: Deferred[Any] | None = None
         self._retry: Any = None
+        self._asked_at = 0.0
 
     def _halt(self) -> bool:
         return self._halted
@@ -53,6 +54,7 @@ class SlotPoller:
         self._retry = None
         if self._halted:
             return
+        self._asked_at = self._runtime.reactor.seconds()
         asking = deferToThreadPool(self._runtime.reactor, self._pool, self._wait_for_slot, self._halt)
         self._asking = asking
         asking.addCallbacks(self._granted, self._gate_failed)
@@ -63,7 +65,7 @@ class SlotPoller:
             release(grant)
             return
         slot = self._runtime.add_slot(grant, gated=True)
-        self._runtime.emit("slot_granted", slot=slot)
+        self._runtime.emit("slot_granted", slot=slot, waited=self._runtime.reactor.seconds() - self._asked_at)
         self._ask()
 
     def _gate_failed(self, failure: Failure) -> None:

@@ -13,6 +13,8 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from ..config import ConfigError, WorkerConfig
+from ..listening import Listener
+from ..logs import LogFormatMixin
 from .polling import SlotPoller
 from .runtime import WorkerRuntime
 from .slots import HubTarget
@@ -41,7 +43,7 @@ def parse_client_endpoint(reactor: Any, text: str) -> Any:
         ) from None
 
 
-class WorkerService(MultiService):
+class WorkerService(LogFormatMixin, MultiService):
     """
     A running worker: ``threads`` slots, each holding a connection to every hub.
 
@@ -76,6 +78,25 @@ class WorkerService(MultiService):
                     "app.wait_for_slot = pothead.gating.wait_for_idle_cpus(1), or use --threads N"
                 )
             self.poller = SlotPoller(self.runtime, wait_for_slot)
+        self.operator_listener: Listener | None = None
+        if config.metrics is not None:
+            from twisted.web.server import Site
+
+            from .. import metrics
+
+            metrics.observe_worker(self.runtime)
+            resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
+            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics")
+            self.operator_listener.setServiceParent(self)
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: connected to at least one hub, and not stopping."""
+        if self.runtime.stopping:
+            return False, "stopping"
+        connected = self.runtime.connected_hubs()
+        if connected == 0:
+            return False, "not connected to any hub"
+        return True, f"ready: connected to {connected} of {len(self.runtime.targets)} hubs"
 
     def startService(self) -> None:
         super().startService()

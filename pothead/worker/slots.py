@@ -118,6 +118,7 @@ class Link:
     def _connect(self) -> None:
         self._timer = None
         self.state = LinkState.CONNECTING
+        self.slot.runtime.emit("connect_attempt", hub=self.target.description)
         attempt = self.target.endpoint.connect(_LinkFactory(self, self.slot.runtime.site))
         self._attempt = attempt
         attempt.addErrback(self._connect_failed)
