@@ -35,17 +35,41 @@ class Listener(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: IProtocolFactory, role: str) -> None:
+    def __init__(
+        self, reactor: Any, description: str, factory: IProtocolFactory, role: str, option: str | None = None
+    ) -> None:
         self.description = description
         self.role = role
-        self._endpoint = parse_server_endpoint(reactor, description, f"--{role}")
+        self.option = option or f"--{role}"
+        self._endpoint = parse_server_endpoint(reactor, description, self.option)
+        self._started = False
         self._factory = factory
         self._port: IListeningPort | None = None
         self._waiting: list[Deferred[IListeningPort]] = []
         self._failure: Failure | None = None
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind now: twistd calls this before the reactor runs (and before it
+        drops privileges).  TCP, unix and systemd endpoints answer at once, so
+        a port that cannot be bound ends the process with one line.
+        """
+        super().privilegedStartService()
+        self._listen()
+        if self._failure is not None:
+            raise SystemExit(
+                f"pothead: cannot listen for {self.role} on {self.option} {self.description}: "
+                f"{self._failure.getErrorMessage()}"
+            )
+
     def startService(self) -> None:
         super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._started:
+            return
+        self._started = True
         d = self._endpoint.listen(self._factory)
         d.addCallbacks(self._listening, self._failed)
 

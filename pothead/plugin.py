@@ -20,7 +20,20 @@ def _fail(error: ConfigError) -> usage.UsageError:
     return usage.UsageError(str(error))
 
 
-class HubOptions(usage.Options):
+class _OneLineErrors(usage.Options):
+    """Bad options end the process with one line on stderr, not twistd's usage page."""
+
+    command = "pothead"
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"{self.command}: {e} (see: twistd {self.command} --help)") from None
+
+
+class HubOptions(_OneLineErrors):
+    command = "pothead-hub"
     synopsis = "[options]"
     longdesc = (
         "Run a pothead hub: consumers send HTTP requests to --listen; workers dial in to --workers and "
@@ -83,7 +96,8 @@ class HubOptions(usage.Options):
             raise _fail(e) from None
 
 
-class WorkerOptions(usage.Options):
+class WorkerOptions(_OneLineErrors):
+    command = "pothead-worker"
     synopsis = "[options] MODULE:APP"
     longdesc = (
         "Run a pothead worker: open connections OUT to one or more hubs and serve the WSGI app MODULE:APP "
@@ -157,6 +171,22 @@ def _with_metrics(config: Any) -> Any:
     return replace(config, metrics=endpoint, multiprocess_dir=directory)
 
 
+def _exit_zero_after_stop_signal(reactor: Any) -> None:
+    """
+    twistd re-raises SIGTERM/SIGINT on itself once the reactor stopped, so the
+    process "dies of SIGTERM" (status -15 / 143) even after a complete drain.
+    A drained stop is a clean exit: clear the recorded signal (a private
+    attribute of Twisted's reactor; without it this does nothing).
+    """
+    import signal
+
+    def clear() -> None:
+        if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            reactor._exitSignal = None
+
+    reactor.addSystemEventTrigger("after", "shutdown", clear)
+
+
 def _reactor() -> Any:
     from twisted.internet import reactor
 
@@ -172,6 +202,7 @@ def make_hub_service(options: HubOptions) -> IService:
 
         service = HubService(config, _reactor())
         service.log_observer = observer_for(options["log-format"])
+        _exit_zero_after_stop_signal(_reactor())
         return service
     except ConfigError as e:
         raise SystemExit(f"pothead-hub: {e}") from None
@@ -188,6 +219,7 @@ def make_worker_service(options: WorkerOptions) -> IService:
         app = load_app(config.app)
         service = WorkerService(config, app, _reactor())
         service.log_observer = observer_for(options["log-format"])
+        _exit_zero_after_stop_signal(_reactor())
         return service
     except ConfigError as e:
         raise SystemExit(f"pothead-worker: {e}") from None

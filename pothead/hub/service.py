@@ -39,8 +39,12 @@ class HubService(LogFormatMixin, MultiService):
         self.hub = Hub(config, reactor)
         self.consumer_site = ConsumerSite(self.hub)
         self.worker_factory = WorkerFactory(self.hub)
-        self.consumer_listeners = [Listener(reactor, d, self.consumer_site, "consumers") for d in config.listen]
-        self.worker_listeners = [Listener(reactor, d, self.worker_factory, "workers") for d in config.workers]
+        self.consumer_listeners = [
+            Listener(reactor, d, self.consumer_site, "consumers", option="--listen") for d in config.listen
+        ]
+        self.worker_listeners = [
+            Listener(reactor, d, self.worker_factory, "workers", option="--workers") for d in config.workers
+        ]
         for listener in self.consumer_listeners + self.worker_listeners:
             listener.setServiceParent(self)
         self.operator_listener: Listener | None = None
@@ -51,7 +55,7 @@ class HubService(LogFormatMixin, MultiService):
 
             metrics.observe_hub(self.hub)
             resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
-            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics")
+            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics", option="--metrics")
             self.operator_listener.setServiceParent(self)
 
     def readiness(self) -> tuple[bool, str]:

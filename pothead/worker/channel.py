@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -53,9 +53,12 @@ class JobRequest(Request):
     channel: ReverseChannel
     _flow: Flow | None = None
     _link: Link | None = None
+    #: True once the request reached process() (its body is complete).
+    processing = False
     request_id = "-"
 
     def process(self) -> None:
+        self.processing = True
         # Keep the link: twisted.web drops request.channel before notifyFinish fires.
         link = self._link = self.channel.link
         self.request_id = choose_request_id(
@@ -67,6 +70,7 @@ class JobRequest(Request):
         reusable = self.requestHeaders.getRawHeaders(REUSE, [b""])[0].strip() == b"1"
         if reusable and link.keep_alive_after_job():
             self.setHeader(b"connection", b"keep-alive")
+            self._kept = True
         else:
             self.setHeader(b"connection", b"close")
             self.channel.persistent = False
@@ -83,8 +87,12 @@ class JobRequest(Request):
         self.write(b"")
         self.finish()
 
+    _kept = False
+
     def _job_over(self, result: object) -> None:
         link = self._link
+        if self._kept and not isinstance(result, Failure) and link is not None and link.channel is not None:
+            link.channel.expect_reuse()
         if link is not None:
             link.job_over(self, completed=not isinstance(result, Failure))
 
@@ -124,6 +132,39 @@ class ReverseChannel(http.HTTPChannel):
 
     link: Link | None = None
     _log = Logger()
+    #: Seconds a kept-alive connection may wait for the hub's *first* reuse of
+    #: it.  Through the original hub, which forwards every consumer header, a
+    #: consumer could send Pothead-Reuse: 1; that hub never reuses a
+    #: connection, so without this bound the slot would wait forever.  A
+    #: connection the hub has reused once has no limit.
+    UNPROVEN_REUSE_IDLE = 2.0
+    _reuse_timer: IDelayedCall | None = None
+    _reuse_proven = False
+
+    def expect_reuse(self) -> None:
+        if self._reuse_proven or self._reuse_timer is not None or self.transport is None:
+            return
+        if self.transport.disconnecting:
+            return
+        from twisted.internet import reactor
+
+        self._reuse_timer = reactor.callLater(self.UNPROVEN_REUSE_IDLE, self._reuse_not_seen)
+
+    def _reuse_not_seen(self) -> None:
+        self._reuse_timer = None
+        self.retire()
+
+    def _cancel_reuse_timer(self) -> None:
+        if self._reuse_timer is not None:
+            if self._reuse_timer.active():
+                self._reuse_timer.cancel()
+            self._reuse_timer = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._reuse_timer is not None:
+            self._cancel_reuse_timer()
+            self._reuse_proven = True
+        super().dataReceived(data)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -135,6 +176,7 @@ class ReverseChannel(http.HTTPChannel):
             self.link.connected(self)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._cancel_reuse_timer()
         super().connectionLost(reason)
         if self.link is not None:
             self.link.lost(self, reason)
@@ -145,12 +187,14 @@ class ReverseChannel(http.HTTPChannel):
 
     def retire(self) -> None:
         """Close without losing a request that may be on its way (see module doc)."""
-        if self.requests:
-            # A request is being read: JobRequest.process answers it with a
-            # requeue because the link no longer accepts jobs.
-            return
         if self.transport.disconnecting:
             return  # already closing after a Connection: close response
+        if any(getattr(r, "processing", False) for r in self.requests):
+            return  # a job runs here: the link no longer keeps the connection after it
+        # Idle, or a request still arriving (its body may never come: the
+        # original hub forwards Content-Length without the body).  Either way
+        # the app has not seen it: answer "requeue" and close.
+        self._cancel_reuse_timer()
         self.transport.write(RETIRE)
         self.persistent = False
         self.loseConnection()

@@ -137,4 +137,5 @@ class WorkerRuntime:
         return DeferredList([slot.stop() for slot in list(self.slots)])
 
     def stop_threads(self) -> None:
-        self.threadpool.stop()
+        if self.threadpool.started and not self.threadpool.joined:
+            self.threadpool.stop()

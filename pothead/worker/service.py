@@ -86,7 +86,7 @@ class WorkerService(LogFormatMixin, MultiService):
 
             metrics.observe_worker(self.runtime)
             resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
-            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics")
+            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics", option="--metrics")
             self.operator_listener.setServiceParent(self)
 
     def readiness(self) -> tuple[bool, str]:
