@@ -143,3 +143,20 @@ def asks_requeue(code: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """True for a draining worker's ``503`` + ``Pothead-Requeue: 1``."""
     value = header_value(headers, REQUEUE)
     return code == 503 and value is not None and value.strip() == b"1"
+
+
+_ABSOLUTE_FORM = re.compile(rb"\A[hH][tT][tT][pP][sS]?://([^/?#]*)([^#]*)\Z")
+
+
+def origin_form(target: bytes) -> tuple[bytes | None, bytes]:
+    """
+    ``(authority, origin-form target)`` for an absolute-form request target
+    (RFC 9112 3.2.2), ``(None, target)`` for any other form.
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return None, target
+    authority, rest = match.groups()
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest  # "http://h?q" -> "/?q"
+    return authority, rest

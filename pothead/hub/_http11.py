@@ -32,6 +32,8 @@ from twisted.web._newclient import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
+from ..headers import connection_tokens
+
 
 class NotDelivered(Exception):
     """The request never fully reached the worker: safe to requeue."""
@@ -78,10 +80,14 @@ class WorkerResponse:
         self._response = response
         self.code: int = response.code
         self.phrase: bytes = response.phrase
+        # _newclient files Connection under the connection headers; the
+        # headers it names are hop-by-hop too (RFC 9110 7.6.1).
+        named = connection_tokens((b"connection", v) for v in connection_headers.getRawHeaders(b"connection", []))
         self.headers: list[tuple[bytes, bytes]] = [
             (name, value)
             for name, values in response.headers.getAllRawHeaders()
             for value in values
+            if name.lower() not in named
         ]
         # The declared Content-Length, passed on to the consumer (for HEAD it
         # describes the resource, not this empty body).  With Transfer-Encoding

@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from ..headers import asks_requeue, choose_request_id, end_to_end, forwarded_request_headers
+from ..headers import asks_requeue, choose_request_id, end_to_end, forwarded_request_headers, origin_form
 from ._http11 import NotDelivered, WorkerFailed, WorkerResponse
 from .dispatch import Hub
 from .queue import QueueFull
@@ -138,6 +138,12 @@ class ProxyJob:
         self.status: int | None = None
 
     # -- lifecycle ----------------------------------------------------------
+
+    def reject(self, code: int, message: str, *, reason: str) -> None:
+        """Answer the consumer at once without queueing (a malformed request)."""
+        self.hub.job_started(self)
+        self.request.setHeader(b"x-request-id", self.request_id.encode("ascii"))
+        self._fail(code, message, reason=reason)
 
     def start(self) -> None:
         self.hub.job_started(self)
@@ -416,14 +422,47 @@ class ConsumerResource(Resource):
         self._hub = hub
 
     def render(self, request: ConsumerRequest) -> Any:  # type: ignore[override]
-        ProxyJob(self._hub, request).start()
+        problem = normalize_target(request)
+        job = ProxyJob(self._hub, request)
+        if problem is not None:
+            job.reject(400, problem, reason="bad_request")
+        else:
+            job.start()
         return NOT_DONE_YET
+
+
+def normalize_target(request: Request) -> str | None:
+    """
+    Make the request fit for the worker hop (RFC 9112 3.2): exactly one Host,
+    origin-form target.  Returns a 400 message, or None when all is well.
+    """
+    authority, target = origin_form(request.uri)
+    hosts = request.requestHeaders.getRawHeaders(b"host", [])
+    if authority is not None:
+        # 3.2.3: the authority of an absolute-form target replaces Host.
+        request.uri = target
+        request.requestHeaders.setRawHeaders(b"host", [authority])
+    elif len(hosts) > 1:
+        return "more than one Host header"
+    elif not hosts:
+        if request.clientproto != b"HTTP/1.0":
+            return "a Host header is required"
+        # HTTP/1.0 without Host (health checkers): name the hub's own address.
+        here = request.getHost()
+        host = getattr(here, "host", "localhost")
+        port = getattr(here, "port", None)
+        request.requestHeaders.setRawHeaders(
+            b"host", [(f"{host}:{port}" if port is not None else str(host)).encode("ascii", "replace")]
+        )
+    return None
 
 
 class ConsumerRequest(Request):
     """A consumer request whose body is limited to the site's ``max_body``."""
 
     _rejected = False
+    #: The worker's response headers pass unchanged: no twisted.web text/html default.
+    defaultContentType = None
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -461,9 +500,18 @@ class ConsumerChannel(http.HTTPChannel):
         self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
         self.loseConnection()
 
+    _header_lines = 0
+
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
+        if not line:
+            self._header_lines = 0
+        elif self.requests and line[:1] not in b" \t":
+            self._header_lines += 1
+            if self._header_lines > self.maxHeaders:
+                self.refuse(431, f"more than {self.maxHeaders} request headers")
+                return
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             if not self.requests:
                 self.refuse(414, "request line too long")

@@ -68,6 +68,7 @@ class JobRequest(Request):
             self._requeue()
             return
         reusable = self.requestHeaders.getRawHeaders(REUSE, [b""])[0].strip() == b"1"
+        self.requestHeaders.removeHeader(REUSE)  # the hub's word to us, not the app's business
         if reusable and link.keep_alive_after_job():
             self.setHeader(b"connection", b"keep-alive")
             self._kept = True
