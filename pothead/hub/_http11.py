@@ -121,8 +121,10 @@ class ReverseHTTPClient:
         self._protocol = HTTP11ClientProtocol(quiescentCallback=self._quiescent)
         self._connection_headers: Headers | None = None
         self.reusable = False
+        self.attached = False
 
     def attach(self, transport: ITransport) -> None:
+        self.attached = True
         self._protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:

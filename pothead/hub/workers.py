@@ -4,7 +4,8 @@ The worker port: connections that workers open to the hub.
 Each accepted connection is a :class:`WorkerConnection`, an explicit state
 machine::
 
-    READY ──dispatch──▶ BUSY ──job_finished (keep-alive)──▶ READY
+    HANDSHAKING ──101──▶ READY ──dispatch──▶ BUSY ──job_finished (keep-alive)──▶ READY
+    (only with a worker token; see pothead.ptth)
       │                   │
       └──── lost / retired / closed ─────────────▶ CLOSED
 
@@ -15,7 +16,7 @@ delegated to :class:`~pothead.hub._http11.ReverseHTTPClient`.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress, ITCPTransport
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 
+from ..ptth import MAX_HEAD, SWITCHING, check_upgrade, split_head, unauthorized
 from ._http11 import NotDelivered, ReverseHTTPClient, WorkerResponse
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 
 class State(enum.Enum):
+    HANDSHAKING = "handshaking"
     READY = "ready"
     BUSY = "busy"
     CLOSED = "closed"
@@ -50,12 +53,17 @@ class WorkerConnection(Protocol):
 
     _log = Logger()
 
+    #: Seconds a new connection may take to complete the PTTH handshake.
+    HANDSHAKE_TIMEOUT = 10.0
+
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self._http = ReverseHTTPClient()
         self.state = State.CLOSED
         self.peer = "?"
         self.jobs_done = 0
+        self._buffer = b""
+        self._handshake_timer: Any = None
 
     def __repr__(self) -> str:
         return f"<WorkerConnection {self.peer} {self.state.value}>"
@@ -68,11 +76,64 @@ class WorkerConnection(Protocol):
             # A worker that vanishes without a FIN is found by TCP keepalive;
             # there is deliberately no idle timeout on worker connections.
             self.transport.setTcpKeepAlive(True)
-        self._http.attach(self.transport)
         self._hub.worker_connected(self)
+        if self._hub.config.worker_token is not None:
+            self.state = State.HANDSHAKING
+            self._handshake_timer = self._hub.clock.callLater(self.HANDSHAKE_TIMEOUT, self._handshake_timeout)
+            return
+        self._start_http()
+
+    def _start_http(self) -> None:
+        self._http.attach(self.transport)
         self._become_ready()
 
+    def _handshake(self, data: bytes) -> None:
+        self._buffer += data
+        token = self._hub.config.worker_token
+        assert token is not None
+        parts = split_head(self._buffer)
+        if parts is None:
+            if len(self._buffer) > MAX_HEAD:
+                self._refuse("handshake too long")
+            return
+        head, rest = parts
+        self._buffer = b""
+        why = check_upgrade(head, token)
+        if why is None and rest:
+            why = "sent data before the upgrade was accepted"
+        if why is not None:
+            self._refuse(why)
+            return
+        self._cancel_handshake_timer()
+        self.transport.write(SWITCHING)
+        self._log.debug("worker {peer} authenticated", peer=self.peer)
+        self._start_http()
+
+    def _refuse(self, why: str) -> None:
+        self._cancel_handshake_timer()
+        self._hub.emit("worker_refused", reason=why)
+        self._log.warn("refused worker connection from {peer}: {why}", peer=self.peer, why=why)
+        self.state = State.CLOSED
+        self.transport.write(unauthorized(why if why != "wrong token" else "invalid token"))
+        self.transport.loseConnection()
+
+    def _handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self.state is State.HANDSHAKING:
+            self._refuse(f"no PTTH upgrade within {self.HANDSHAKE_TIMEOUT:g}s")
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            if self._handshake_timer.active():
+                self._handshake_timer.cancel()
+            self._handshake_timer = None
+
     def dataReceived(self, data: bytes) -> None:
+        if self.state is State.HANDSHAKING:
+            self._handshake(data)
+            return
+        if self.state is State.CLOSED:
+            return
         if self.state is State.READY:
             # Unsolicited bytes on an idle connection: the worker is retiring
             # it (our worker sends a 503 + Pothead-Requeue before closing).
@@ -83,11 +144,13 @@ class WorkerConnection(Protocol):
         self._http.dataReceived(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._cancel_handshake_timer()
         previous = self.state
         self.state = State.CLOSED
         if previous is State.READY:
             self._hub.queue.connection_gone(self)
-        self._http.connectionLost(reason)
+        if self._http.attached:
+            self._http.connectionLost(reason)
         self._hub.worker_disconnected(self)
 
     # -- used by jobs -------------------------------------------------------
