@@ -87,6 +87,8 @@ class HubConfig:
     metrics: str | None = None
     #: PROMETHEUS_MULTIPROC_DIR (already wiped), for the multiprocess view.
     multiprocess_dir: str | None = None
+    #: Shared secret workers must present in the PTTH upgrade (None: no handshake).
+    worker_token: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,5 @@ class WorkerConfig:
     metrics: str | None = None
     #: PROMETHEUS_MULTIPROC_DIR (already wiped), for the multiprocess view.
     multiprocess_dir: str | None = None
+    #: Token presented to hubs in the PTTH upgrade (None: no handshake).
+    worker_token: bytes | None = None

@@ -52,6 +52,8 @@ class HubOptions(_OneLineErrors):
         ["metrics", None, None, "Endpoint for /metrics, /healthz and /readyz, e.g. tcp:9090:interface=127.0.0.1 "
          "(default: none; with $PROMETHEUS_MULTIPROC_DIR set, tcp:$PROMETHEUS_PORT or tcp:9090)."],
         ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
+        ["worker-token-file", None, None, "File holding a shared secret: workers must present it in a PTTH upgrade "
+         "(Authorization: Bearer) before they get any job; others get 401 and a close."],
     ]
 
     optFlags = [
@@ -90,6 +92,7 @@ class HubOptions(_OneLineErrors):
                 retry_after=parse_count(self["retry-after"], "--retry-after") or 0,
                 trust_forwarded=bool(self["trust-forwarded"]),
                 metrics=self["metrics"],
+                worker_token=_token(self["worker-token-file"]),
             )
             _check_log_format(self["log-format"])
         except ConfigError as e:
@@ -112,6 +115,7 @@ class WorkerOptions(_OneLineErrors):
         ["metrics", None, None, "Endpoint for /metrics, /healthz and /readyz, e.g. tcp:9091:interface=127.0.0.1 "
          "(default: none; with $PROMETHEUS_MULTIPROC_DIR set, tcp:$PROMETHEUS_PORT or tcp:9090)."],
         ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
+        ["worker-token-file", None, None, "File holding the hubs' worker token, sent in a PTTH upgrade on every connection."],
     ]
     optFlags = [
         ["no-keep-alive", None, "Close the hub connection after every job (like the reference worker)."],
@@ -150,10 +154,24 @@ class WorkerOptions(_OneLineErrors):
                 drain_timeout=parse_seconds(self["drain-timeout"], "--drain-timeout"),
                 reconnect_max=parse_seconds(self["reconnect-max"], "--reconnect-max", allow_zero=False) or 10.0,
                 metrics=self["metrics"],
+                worker_token=_token(self["worker-token-file"]),
             )
             _check_log_format(self["log-format"])
         except ConfigError as e:
             raise _fail(e) from None
+
+
+def _token(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    from twisted.logger import Logger
+
+    from .ptth import read_token_file
+
+    token, warning = read_token_file(path, "--worker-token-file")
+    if warning is not None:
+        Logger(namespace="pothead").warn("{warning}", warning=warning)
+    return token
 
 
 def _check_log_format(value: str) -> None:
