@@ -105,6 +105,23 @@ class WorkerResponse:
         self._response.deliverBody(_BodyProtocol(sink))
 
 
+class _Protocol(HTTP11ClientProtocol):
+    """
+    Keeps the bytes that arrived after a complete response.  _newclient drops
+    them (it does not pipeline); for us they matter: a worker that stops
+    right after a job sends its retire notice (503 + Pothead-Requeue) hard
+    on the heels of the response, often in the same read.
+    """
+
+    leftover = b""
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        self.leftover = rest
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+
 class ReverseHTTPClient:
     """
     An HTTP/1.1 client on one worker connection.
@@ -118,7 +135,7 @@ class ReverseHTTPClient:
     """
 
     def __init__(self) -> None:
-        self._protocol = HTTP11ClientProtocol(quiescentCallback=self._quiescent)
+        self._protocol = _Protocol(quiescentCallback=self._quiescent)
         self._connection_headers: Headers | None = None
         self.reusable = False
         self.attached = False
@@ -140,9 +157,12 @@ class ReverseHTTPClient:
         tokens: set[bytes] = set()
         for value in (self._connection_headers or Headers()).getRawHeaders(b"connection", []):
             tokens.update(t.strip().lower() for t in value.split(b","))
-        if b"keep-alive" in tokens:
+        leftover, self._protocol.leftover = self._protocol.leftover, b""
+        if b"keep-alive" in tokens and not leftover:
             self.reusable = True
         else:
+            # Not offered for reuse, or the worker already said more (its
+            # retire notice): this connection is finished.
             protocol.transport.loseConnection()
 
     def send(

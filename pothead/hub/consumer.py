@@ -201,6 +201,11 @@ class ProxyJob:
     def _not_answered(self, failure: Failure) -> None:
         if self.consumer_gone or self.state is not JobState.DISPATCHED:
             return
+        # Drop the failed connection first: a requeue may pair the job with a
+        # new connection at once, and that one must not be touched.
+        failed, self.connection = self.connection, None
+        if failed is not None:
+            failed.abort()
         if failure.check(NotDelivered):
             self._requeue(f"request not delivered to {self.worker} ({failure.getErrorMessage()})", "not_delivered")
         elif failure.check(WorkerFailed):
@@ -213,8 +218,6 @@ class ProxyJob:
         else:
             self._log.failure("[{request_id}] unexpected dispatch error", failure, request_id=self.request_id)
             self._fail(502, "the worker failed before answering", reason="bad_gateway")
-        if self.connection is not None:
-            self.connection.abort()
 
     def _requeue(self, why: str, reason: str) -> None:
         self.requeues += 1
@@ -299,9 +302,9 @@ class ProxyJob:
             waiting.cancel()  # -> _not_paired -> 503
             return
         connection = self.connection
-        if self.state is JobState.DISPATCHED:
-            self._fail(503, "the hub is shutting down; retry shortly", reason="draining", retry_after=True, close=True)
-        elif self.state is JobState.STREAMING:
+        if self.state in (JobState.DISPATCHED, JobState.STREAMING):
+            # The job may have partly run: cut the consumer off rather than
+            # invite a retry with a 503.
             self._unregister()
             self.state = JobState.FAILED
             self.request.transport.abortConnection()
@@ -357,7 +360,10 @@ class ProxyJob:
             if retry_after:
                 request.setHeader(b"retry-after", str(self.hub.config.retry_after).encode("ascii"))
             if close:
+                # twisted.web decides persistence from the request; say it to the channel too.
                 request.setHeader(b"connection", b"close")
+                if getattr(request, "channel", None) is not None:
+                    request.channel.persistent = False
             body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {message} (request id {self.request_id})\n".encode()
             request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
@@ -486,6 +492,14 @@ class ConsumerChannel(http.HTTPChannel):
     site: ConsumerSite
     _refused = False
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
     def refuse(self, code: int, message: str) -> None:
         if self._refused:
             return
@@ -546,6 +560,29 @@ class ConsumerSite(Site):
         super().__init__(ConsumerResource(hub), timeout=hub.config.consumer_idle_timeout)
         self.hub = hub
         self.max_body = hub.config.max_body
+        #: Open consumer connections, closed gracefully at the end of a drain.
+        self.channels: set[ConsumerChannel] = set()
+
+    def close_connections(self, clock: Any, grace: float) -> Deferred[None]:
+        """
+        Close every consumer connection after its buffered bytes are sent;
+        abort those still open after ``grace`` seconds.  Without this the
+        reactor's shutdown would cut off the last responses of a drain.
+        """
+        done: Deferred[None] = Deferred()
+        for channel in list(self.channels):
+            channel.loseConnection()
+
+        def check(deadline: float) -> None:
+            if not self.channels or clock.seconds() >= deadline:
+                for channel in list(self.channels):
+                    channel.transport.abortConnection()
+                done.callback(None)
+            else:
+                clock.callLater(0.02, check, deadline)
+
+        check(clock.seconds() + grace)
+        return done
 
     def buildProtocol(self, addr: Any) -> ConsumerChannel:
         channel: ConsumerChannel = super().buildProtocol(addr)
