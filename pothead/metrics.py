@@ -12,7 +12,16 @@ Compatibility with the original POTHEAD: when ``PROMETHEUS_MULTIPROC_DIR``
 names a directory, it is wiped at start-up (:mod:`pothead.promdir`, before
 this module creates any metric) and the endpoint exports prometheus-client's
 multiprocess view of it (plus our live levels); ``PROMETHEUS_PORT`` (default
-9090) is then the metrics port unless ``--metrics`` says otherwise.
+9090) is then the metrics port unless ``--metrics`` says otherwise (every
+interface, like the original, unless ``PROMETHEUS_ADDR`` names one).
+
+Naming follows the Prometheus conventions: ``pothead_hub_*`` and
+``pothead_worker_*``, base units (``_seconds``), ``_total`` on counters, help
+text on every family.  Labels are bounded: ``code`` (an HTTP status, or
+``none``/``other``/``aborted``), ``reason`` (a fixed list, anything else is
+``other``) and ``hub`` (the worker's ``--connect`` addresses); never a request
+id, path, client or worker port.  Levels are process-wide sums: a process
+running several hubs (tests) reports their total on each endpoint.
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 
 if TYPE_CHECKING:
+    from twisted.web import http
     from twisted.web.server import Request
 
     from .hub.dispatch import Hub
@@ -35,6 +46,22 @@ if TYPE_CHECKING:
 
 #: Job-sized buckets: these are expensive requests, from milliseconds to minutes.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
+
+#: Label values of the hub's ``reason`` labels.  Anything else is reported as
+#: ``other``, so a new code path can never grow a label without bound.
+REJECTION_REASONS = (
+    "queue_full",
+    "queue_timeout",
+    "body_too_large",
+    "headers_too_large",
+    "uri_too_long",
+    "bad_request",
+    "bad_gateway",
+    "draining",
+    "internal",
+)
+REQUEUE_REASONS = ("not_delivered", "worker_draining")
+ABORT_REASONS = ("worker_failed", "consumer_gone", "drain_timeout")
 
 # Metric families are created on first use, so a hub process exports only
 # hub metrics and a worker only worker metrics (and, in multiprocess mode, only
@@ -45,13 +72,19 @@ class _HubMetrics:
     def __init__(self) -> None:
         self.requests = Counter(
             "pothead_hub_requests_total",
-            'Consumer requests by final HTTP status (code="none": the consumer left before a response).',
+            "Consumer requests by the final HTTP status sent (the worker's or the hub's own); "
+            'code="none": the consumer left before a status was sent.',
             ["code"],
+        )
+        self.aborted = Counter(
+            "pothead_hub_responses_aborted_total",
+            "Responses cut off after their status was chosen, by reason "
+            "(worker_failed: the worker died mid-body; consumer_gone; drain_timeout).",
+            ["reason"],
         )
         self.rejections = Counter(
             "pothead_hub_rejections_total",
-            "Requests the hub answered itself, by reason "
-            "(queue_full, queue_timeout, body_too_large, bad_gateway, draining, bad_request, internal).",
+            "Requests the hub answered itself with an error, by reason (" + ", ".join(REJECTION_REASONS) + ").",
             ["reason"],
         )
         self.queue_wait = Histogram(
@@ -73,6 +106,14 @@ class _HubMetrics:
             "worker_draining: the worker answered 503 + Pothead-Requeue).",
             ["reason"],
         )
+        # Every known label value exists from the start (at 0), so rate() and
+        # increase() see the first event instead of a series appearing at 1.
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)
+        for reason in REQUEUE_REASONS:
+            self.requeues.labels(reason=reason)
+        for reason in ABORT_REASONS:
+            self.aborted.labels(reason=reason)
 
 
 class _WorkerMetrics:
@@ -90,15 +131,30 @@ class _WorkerMetrics:
             "pothead_worker_slot_wait_seconds", "Time spent in the app's wait_for_slot per granted slot.", buckets=BUCKETS
         )
         self.connect_attempts = Counter(
-            "pothead_worker_connection_attempts_total", "Connection attempts to a hub.", ["hub"]
+            "pothead_worker_connection_attempts_total",
+            "Connection attempts to a hub (hub: the --connect address, as an endpoint string).",
+            ["hub"],
         )
         self.connect_failures = Counter(
-            "pothead_worker_connection_failures_total", "Failed connection attempts to a hub.", ["hub"]
+            "pothead_worker_connection_failures_total",
+            "Connection attempts to a hub that failed (refused, unreachable, timed out).",
+            ["hub"],
         )
-        self.redirects = Counter(
-            "pothead_worker_redirects_total",
-            "Responses parked for --redirect-response, by what became of them (parked, claimed, expired, refused).",
-            ["event"],
+        # Separate counters, not one with an "event" label: parked = claimed +
+        # expired + still parked, so a sum over such a label would mean nothing.
+        self.redirects_parked = Counter(
+            "pothead_worker_redirects_parked_total",
+            "200 responses parked under a single-use key for --redirect-response (the hub got a 303).",
+        )
+        self.redirects_claimed = Counter(
+            "pothead_worker_redirects_claimed_total", "Parked responses fetched by the consumer."
+        )
+        self.redirects_expired = Counter(
+            "pothead_worker_redirects_expired_total", "Parked responses dropped unclaimed when their key expired."
+        )
+        self.redirects_refused = Counter(
+            "pothead_worker_redirects_refused_total",
+            "Fetches of an unknown, already used or expired redirect key (answered 410 Gone).",
         )
 
 
@@ -116,41 +172,72 @@ _hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
 _runtimes: "weakref.WeakSet[WorkerRuntime]" = weakref.WeakSet()
 
 
+def _live_hubs() -> list[Hub]:
+    # A hub whose drain is over (draining_workers) has stopped: it must not
+    # keep reporting draining=1 or stale levels until it is garbage-collected.
+    return [h for h in list(_hubs) if not h.draining_workers]
+
+
+def _live_runtimes() -> list[WorkerRuntime]:
+    return [r for r in list(_runtimes) if not r.threadpool.joined]
+
+
 class _Levels(Collector):
     """Gauges read from the live hubs and workers of this process at scrape time."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        hubs = list(_hubs)
-        if hubs:
+        if _hubs:
+            hubs = _live_hubs()
             yield _gauge("pothead_hub_queue_length", "Requests waiting for a worker.", sum(h.queue.waiting for h in hubs))
             yield _gauge(
                 "pothead_hub_queue_oldest_wait_seconds",
-                "How long the oldest waiting request has waited.",
-                max(h.queue.oldest_wait() for h in hubs),
+                "How long the oldest waiting request has waited (0 with an empty queue).",
+                max((h.queue.oldest_wait() for h in hubs), default=0.0),
             )
             yield _gauge(
-                "pothead_hub_ready_connections", "Idle worker connections ready for a job.", sum(h.queue.ready for h in hubs)
+                "pothead_hub_ready_connections",
+                "Idle worker connections ready for a job.",
+                sum(h.queue.ready for h in hubs),
             )
             yield _gauge(
                 "pothead_hub_jobs_in_flight",
-                "Requests dispatched to a worker and not finished.",
-                sum(len(h.jobs) - h.queue.waiting for h in hubs),
-            )
-            yield _gauge("pothead_hub_worker_connections", "Open worker connections.", sum(len(h.connections) for h in hubs))
-            yield _gauge("pothead_hub_draining", "1 while the hub drains for shutdown.", float(any(h.draining for h in hubs)))
-        runtimes = list(_runtimes)
-        if runtimes:
-            yield _gauge("pothead_worker_slots", "Slots (concurrent job capacity) right now.", sum(len(r.slots) for r in runtimes))
-            yield _gauge(
-                "pothead_worker_busy_slots", "Slots running a job.", sum(len(r.running) for r in runtimes)
+                "Requests dispatched to a worker whose response has not ended.",
+                sum(max(0, len(h.jobs) - h.queue.waiting) for h in hubs),
             )
             yield _gauge(
-                "pothead_worker_threads", "Size of the WSGI thread pool.", sum(r.threadpool.max for r in runtimes)
+                "pothead_hub_worker_connections",
+                "Open worker connections (ready, busy or being closed).",
+                sum(len(h.connections) for h in hubs),
             )
             yield _gauge(
-                "pothead_worker_idle_connections", "Hub connections waiting for a job.", sum(r.idle_connections for r in runtimes)
+                "pothead_hub_draining", "1 while the hub drains for shutdown, else 0.", float(any(h.draining for h in hubs))
             )
-            yield _gauge("pothead_worker_connected_hubs", "Hubs with at least one open connection.", sum(r.connected_hubs() for r in runtimes))
+        if _runtimes:
+            runtimes = _live_runtimes()
+            yield _gauge(
+                "pothead_worker_slots",
+                "Slots: jobs this worker can run at once right now (fixed by --threads, or granted by the gate).",
+                sum(len(r.slots) for r in runtimes),
+            )
+            yield _gauge("pothead_worker_busy_slots", "Slots running a job.", sum(len(r.running) for r in runtimes))
+            yield _gauge(
+                "pothead_worker_threads",
+                "Size of the WSGI thread pool (follows the number of slots).",
+                sum(r.threadpool.max for r in runtimes),
+            )
+            yield _gauge(
+                "pothead_worker_idle_connections",
+                "Hub connections waiting for a job.",
+                sum(r.idle_connections for r in runtimes),
+            )
+            yield _gauge(
+                "pothead_worker_connected_hubs",
+                "Hubs with at least one open connection from this worker.",
+                sum(r.connected_hubs() for r in runtimes),
+            )
+            yield _gauge(
+                "pothead_worker_draining", "1 while the worker drains for shutdown, else 0.", float(any(r.stopping for r in runtimes))
+            )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -161,6 +248,26 @@ _LEVELS = _Levels()
 REGISTRY.register(_LEVELS)
 
 
+def status_label(status: object) -> str:
+    """A bounded ``code`` label: the HTTP status, ``other`` for nonsense, ``none`` for no status."""
+    if status is None:
+        return "none"
+    try:
+        code = int(status)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return "other"
+    return str(code) if 100 <= code <= 599 else "other"
+
+
+def _bounded(value: object, known: tuple[str, ...]) -> str:
+    text = str(value)
+    return text if text in known else "other"
+
+
+#: Outcomes of a hub request whose response was cut off after its status was chosen.
+_ABORTED = {"truncated": "worker_failed", "consumer_gone": "consumer_gone", "drain_timeout": "drain_timeout"}
+
+
 def observe_hub(hub: Hub) -> None:
     """Feed the hub's events into the hub metrics."""
     _hubs.add(hub)
@@ -169,14 +276,21 @@ def observe_hub(hub: Hub) -> None:
     def observe(event: str, fields: dict[str, Any]) -> None:
         if event == "request":
             status = fields.get("status")
-            m.requests.labels(code=str(status) if status is not None else "none").inc()
+            m.requests.labels(code=status_label(status)).inc()
             m.queue_wait.observe(float(fields.get("queue_wait") or 0.0))
             if fields.get("dispatched"):
                 m.job_duration.observe(float(fields.get("job_time") or 0.0))
+            aborted = _ABORTED.get(str(fields.get("outcome")))
+            if aborted is not None and status is not None:
+                m.aborted.labels(reason=aborted).inc()
         elif event == "rejected":
-            m.rejections.labels(reason=str(fields.get("reason"))).inc()
+            m.rejections.labels(reason=_bounded(fields.get("reason"), REJECTION_REASONS)).inc()
+            if fields.get("job") is False:
+                # Refused by the HTTP layer before a job existed (413, 414,
+                # 431): no "request" event follows, so count the status here.
+                m.requests.labels(code=status_label(fields.get("status"))).inc()
         elif event == "requeue":
-            m.requeues.labels(reason=str(fields.get("reason"))).inc()
+            m.requeues.labels(reason=_bounded(fields.get("reason"), REQUEUE_REASONS)).inc()
         elif event == "worker_connected":
             m.worker_opened.inc()
         elif event == "worker_disconnected":
@@ -189,11 +303,21 @@ def observe_worker(runtime: WorkerRuntime) -> None:
     """Feed the worker's events into the worker metrics."""
     _runtimes.add(runtime)
     m = worker_metrics()
+    redirects = {
+        "redirect_parked": m.redirects_parked,
+        "redirect_claimed": m.redirects_claimed,
+        "redirect_expired": m.redirects_expired,
+        "redirect_refused": m.redirects_refused,
+    }
+
+    for target in runtime.targets:  # every hub's series exists from the start, at 0
+        m.connect_attempts.labels(hub=target.description)
+        m.connect_failures.labels(hub=target.description)
 
     def observe(event: str, fields: dict[str, Any]) -> None:
         if event == "job_finished":
             status = fields.get("status")
-            m.jobs.labels(code=str(status) if fields.get("completed") and status else "aborted").inc()
+            m.jobs.labels(code=status_label(status) if fields.get("completed") and status else "aborted").inc()
             m.job_duration.observe(float(fields.get("duration") or 0.0))
         elif event == "connect_attempt":
             m.connect_attempts.labels(hub=str(fields.get("hub"))).inc()
@@ -202,10 +326,20 @@ def observe_worker(runtime: WorkerRuntime) -> None:
         elif event == "slot_granted":
             m.slots_granted.inc()
             m.slot_wait.observe(float(fields.get("waited") or 0.0))
-        elif event.startswith("redirect_"):
-            m.redirects.labels(event=event[len("redirect_"):]).inc()
+        elif event in redirects:
+            redirects[event].inc()
 
     runtime.observers.append(observe)
+
+
+def forget_hub(hub: Hub) -> None:
+    """Stop reporting ``hub``'s levels (its service stopped)."""
+    _hubs.discard(hub)
+
+
+def forget_worker(runtime: WorkerRuntime) -> None:
+    """Stop reporting ``runtime``'s levels (its service stopped)."""
+    _runtimes.discard(runtime)
 
 
 # -- the endpoint ------------------------------------------------------------
@@ -259,3 +393,17 @@ def operator_resource(registry: CollectorRegistry, ready: Callable[[], tuple[boo
     root.putChild(b"healthz", _Text(healthz))
     root.putChild(b"readyz", _Text(readyz))
     return root
+
+
+class _QuietSite(Site):
+    """The operator port's Site: no access line per scrape, no start/stop chatter."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+def operator_site(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]) -> Site:
+    """A Site serving :func:`operator_resource`, quiet (a scrape every 15 s is not news)."""
+    return _QuietSite(operator_resource(registry, ready))

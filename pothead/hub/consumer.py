@@ -391,7 +391,7 @@ class ProxyJob:
             request_id=self.request_id,
             method=self.request.method.decode("latin-1"),
             path=self.request.uri.decode("latin-1"),
-            status=self.status if self.status is not None else "-",
+            status=self.status,
             bytes=self.bytes_sent,
             queue_wait=queue_wait,
             job_time=job_time,
@@ -491,6 +491,7 @@ class ConsumerChannel(http.HTTPChannel):
 
     site: ConsumerSite
     _refused = False
+    _log = Logger()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -504,7 +505,18 @@ class ConsumerChannel(http.HTTPChannel):
         if self._refused:
             return
         self._refused = True
-        self.site.hub.emit("rejected", reason={413: "body_too_large"}.get(code, "bad_request"))
+        reason = {413: "body_too_large", 414: "uri_too_long", 431: "headers_too_large"}.get(code, "bad_request")
+        # No job exists yet: the event carries the status for the request count.
+        self.site.hub.emit("rejected", reason=reason, status=code, job=False)
+        peer = self.transport.getPeer()
+        self._log.info(
+            "[-] {code} refused before the request was complete: {message} (client {client})",
+            code=code,
+            message=message,
+            client=getattr(peer, "host", "?"),
+            status=code,
+            access=True,
+        )
         body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {message}\n".encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
