@@ -8,7 +8,7 @@ HUB_PORT    ?= 8080
 WORKER_PORT ?= 4040
 REF_VENV    ?= .venv-reference
 
-.PHONY: demo test venv test-venv reference clean lint typecheck
+.PHONY: demo test venv test-venv reference clean lint typecheck test-tools
 
 # The package is installed "compat"-editable: setuptools' default editable
 # mode is an import hook that hides twisted/plugins/ from twistd's plugin scan.
@@ -36,11 +36,65 @@ reference: $(REF_VENV)/.installed
 demo: $(VENV)/.installed
 	@$(PY) -m pothead.demo_runner --python $(PY) --hub-port $(HUB_PORT) --worker-port $(WORKER_PORT)
 
-test: $(VENV)/.installed-test $(REF_VENV)/.installed
-	POTHEAD_REFERENCE_PYTHON=$(abspath $(REF_VENV))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
+# tests/test_systemd.py runs `systemd-analyze verify` on the unit files (Debian's
+# systemd package) and checks their system call filter with strace.  Installed
+# only when missing, and only as root with apt-get (CI: Debian bookworm as root);
+# `apt-get update` only if the first install attempt fails.  Elsewhere those
+# tests are skipped -- except as root, where a missing systemd-analyze fails them.
+test-tools:
+	@missing=""; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+	  else \
+	    echo "note:$$missing not installed (needs root and apt-get); the tests using them are skipped"; \
+	  fi; \
+	fi
+
+test: $(VENV)/.installed-test $(REF_VENV)/.installed test-tools
+	POTHEAD_REFERENCE_PYTHON=$(abspath $(REF_VENV))/bin/python \
+	POTHEAD_REQUIRE_SYSTEMD_ANALYZE=$$([ "$$(id -u)" = 0 ] && echo 1) \
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 typecheck: $(VENV)/.installed-test
 	$(VENV)/bin/mypy pothead
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) build *.egg-info .pytest_cache .mypy_cache
+
+# -- benchmarks against the peers (issue 7) --------------------------------------
+# `make bench` (~15 min) writes bench/RESULTS.md and bench/plots/; `make bench-quick`
+# (~3 min) is a smoke run into bench/out/quick/.  Loopback only, bounded.  Needs
+# HAProxy and wrk (Debian's; installed when missing, as root, `apt-get update` only
+# if the first attempt fails), the original POTHEAD (the `reference` venv) and
+# matplotlib/numpy (the `bench` extra) for the plots.
+.PHONY: bench bench-quick bench-tools
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[bench]' --config-settings editable_mode=compat
+	touch $@
+
+bench-tools:
+	@missing=""; \
+	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+	  else \
+	    echo "bench needs$$missing: install them (apt-get install$$missing) as root" >&2; exit 1; \
+	  fi; \
+	fi
+
+bench: $(VENV)/.installed-bench $(REF_VENV)/.installed bench-tools
+	$(PY) bench/run.py --reference-python $(abspath $(REF_VENV))/bin/python $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.installed-bench $(REF_VENV)/.installed bench-tools
+	$(PY) bench/run.py --quick --reference-python $(abspath $(REF_VENV))/bin/python \
+	  --out bench/out/quick --results bench/out/quick/RESULTS.md $(BENCH_ARGS)

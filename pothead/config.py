@@ -89,6 +89,8 @@ class HubConfig:
     multiprocess_dir: str | None = None
     #: Shared secret workers must present in the PTTH upgrade (None: no handshake).
     worker_token: bytes | None = None
+    #: Endpoint for the operators' ``/status`` view (None: not served).
+    admin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,29 @@ class WorkerConfig:
     multiprocess_dir: str | None = None
     #: Token presented to hubs in the PTTH upgrade (None: no handshake).
     worker_token: bytes | None = None
+    #: TLS to the hubs: CA file verifying them, optional client certificate and key.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Endpoint of the redirect listener (``--redirect-response``; None: responses go through the hub).
+    redirect: str | None = None
+    #: ``scheme://host[:port][/prefix]`` put before the key in ``Location`` (None: derived, see redirect.py).
+    redirect_url_base: str | None = None
+    #: Seconds a parked response waits to be fetched before it is closed.
+    redirect_expiry: float = 20.0
+    #: Endpoint for the operators' ``/inspect`` and ``/apocalypse`` (None: not served).
+    inspect: str | None = None
+
+
+def parse_url_base(text: str, option: str) -> str:
+    """``http(s)://host[:port][/prefix]`` without a trailing slash, or a one-line error."""
+    from urllib.parse import urlsplit
+
+    value = text.strip().rstrip("/")
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{option}: {text!r} is not an http(s) URL like https://media.example.com or http://10.0.0.5:8081")
+    return value

@@ -23,11 +23,27 @@ from .config import ConfigError
 def parse_server_endpoint(reactor: Any, description: str, option: str) -> Any:
     try:
         return serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, LookupError) as e:
+        if isinstance(e, LookupError) and description.startswith("systemd:"):
+            raise ConfigError(f"{option}: {description!r}: {_systemd_sockets()}") from None
         raise ConfigError(
             f"{option}: {description!r} is not a server endpoint ({e}); use e.g. tcp:8080, "
             "tcp:port=8080:interface=127.0.0.1, unix:/run/pothead.sock or systemd:domain=INET:index=0"
         ) from None
+
+
+def _systemd_sockets() -> str:
+    """What systemd passed us, for an error about a ``systemd:`` endpoint that found no socket."""
+    import os
+
+    pid, fds, names = (os.environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    if pid is None or fds is None:
+        return "no socket inherited from systemd (LISTEN_PID/LISTEN_FDS unset: start it through its .socket unit)"
+    if pid != str(os.getpid()):
+        return f"the inherited sockets are for pid {pid}, not this process ({os.getpid()})"
+    if names is None or not fds.isdigit() or len(names.split(":")) != int(fds):
+        return f"LISTEN_FDNAMES={names!r} must name each of the LISTEN_FDS={fds} sockets"
+    return f"no such socket among the {fds} inherited (names: {names}); check index= / name= against the .socket unit"
 
 
 class Listener(Service):

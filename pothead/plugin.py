@@ -13,7 +13,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import ConfigError, HubConfig, WorkerConfig, parse_count, parse_seconds, parse_size
+from .config import ConfigError, HubConfig, WorkerConfig, parse_count, parse_seconds, parse_size, parse_url_base
 
 
 def _fail(error: ConfigError) -> usage.UsageError:
@@ -54,6 +54,8 @@ class HubOptions(_OneLineErrors):
         ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
         ["worker-token-file", None, None, "File holding a shared secret: workers must present it in a PTTH upgrade "
          "(Authorization: Bearer) before they get any job; others get 401 and a close."],
+        ["admin", None, None, "Endpoint for operators: GET /status (queue, ready connections, jobs in flight per "
+         "worker) as text or JSON, e.g. tcp:9080:interface=127.0.0.1 (default: none)."],
     ]
 
     optFlags = [
@@ -93,6 +95,7 @@ class HubOptions(_OneLineErrors):
                 trust_forwarded=bool(self["trust-forwarded"]),
                 metrics=self["metrics"],
                 worker_token=_token(self["worker-token-file"]),
+                admin=self["admin"],
             )
             _check_log_format(self["log-format"])
         except ConfigError as e:
@@ -116,6 +119,17 @@ class WorkerOptions(_OneLineErrors):
          "(default: none; with $PROMETHEUS_MULTIPROC_DIR set, tcp:$PROMETHEUS_PORT or tcp:9090)."],
         ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
         ["worker-token-file", None, None, "File holding the hubs' worker token, sent in a PTTH upgrade on every connection."],
+        ["tls-ca", None, None, "Connect to the hubs with TLS, verifying their certificate (and host name) against this CA file (PEM)."],
+        ["tls-cert", None, None, "Client certificate (PEM) to present to the hubs, with --tls-ca."],
+        ["tls-key", None, None, "Private key (PEM) of --tls-cert, if not in the same file."],
+        ["redirect-response", None, None, "Endpoint of a listener for redirected responses, e.g. tcp:8081: a 200 "
+         "response is parked and the hub gets 303 See Other to <base>/<single-use key>; the consumer fetches "
+         "the body from here (default: none, responses go through the hub)."],
+        ["redirect-url-base", None, None, "URL put before the key in Location, e.g. https://media.example.com "
+         "(default: http://<this worker's address towards the hub>:<redirect port>)."],
+        ["redirect-expiry", None, "20", "Seconds a parked response waits to be fetched before it is closed (410 after)."],
+        ["inspect", None, None, "Endpoint for operators: GET /inspect (jobs in flight, parked redirects) and "
+         "GET /apocalypse (streams until the worker has stopped), e.g. tcp:9081:interface=127.0.0.1 (default: none)."],
     ]
     optFlags = [
         ["no-keep-alive", None, "Close the hub connection after every job (like the reference worker)."],
@@ -155,10 +169,27 @@ class WorkerOptions(_OneLineErrors):
                 reconnect_max=parse_seconds(self["reconnect-max"], "--reconnect-max", allow_zero=False) or 10.0,
                 metrics=self["metrics"],
                 worker_token=_token(self["worker-token-file"]),
+                redirect=self["redirect-response"],
+                redirect_url_base=(
+                    parse_url_base(self["redirect-url-base"], "--redirect-url-base")
+                    if self["redirect-url-base"] is not None
+                    else None
+                ),
+                redirect_expiry=_expiry(self["redirect-expiry"]),
+                inspect=self["inspect"],
             )
+            if self["redirect-url-base"] is not None and self["redirect-response"] is None:
+                raise ConfigError("--redirect-url-base needs --redirect-response")
             _check_log_format(self["log-format"])
         except ConfigError as e:
             raise _fail(e) from None
+
+
+def _expiry(text: str) -> float:
+    value = parse_seconds(text, "--redirect-expiry", allow_zero=False)
+    if value is None:
+        raise ConfigError(f"--redirect-expiry: {text!r} must be a number of seconds > 0 (parked responses hold a slot)")
+    return value
 
 
 def _token(path: str | None) -> bytes | None:
@@ -212,7 +243,9 @@ def _reactor() -> Any:
 
 
 def make_hub_service(options: HubOptions) -> IService:
+    """The hub, with a systemd notifier (READY/STOPPING/STATUS/WATCHDOG) when $NOTIFY_SOCKET is set."""
     from .logs import observer_for
+    from .sdnotify import attach_notifier
 
     try:
         config = _with_metrics(options.config)
@@ -220,6 +253,7 @@ def make_hub_service(options: HubOptions) -> IService:
 
         service = HubService(config, _reactor())
         service.log_observer = observer_for(options["log-format"])
+        attach_notifier(service, _reactor())
         _exit_zero_after_stop_signal(_reactor())
         return service
     except ConfigError as e:
@@ -227,7 +261,9 @@ def make_hub_service(options: HubOptions) -> IService:
 
 
 def make_worker_service(options: WorkerOptions) -> IService:
+    """The worker, with a systemd notifier (READY/STOPPING/STATUS/WATCHDOG) when $NOTIFY_SOCKET is set."""
     from .logs import observer_for
+    from .sdnotify import attach_notifier
 
     try:
         config = _with_metrics(options.config)
@@ -237,6 +273,7 @@ def make_worker_service(options: WorkerOptions) -> IService:
         app = load_app(config.app)
         service = WorkerService(config, app, _reactor())
         service.log_observer = observer_for(options["log-format"])
+        attach_notifier(service, _reactor())
         _exit_zero_after_stop_signal(_reactor())
         return service
     except ConfigError as e:

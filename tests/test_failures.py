@@ -670,11 +670,13 @@ async def test_worker_stop_after_consumer_left_mid_job_does_not_block_the_reacto
         consumer.send_request("/compute")
         await wait_until(reactor, app.started.is_set)
         consumer.tcp.abortConnection()
-        await wait_until(
-            reactor,
-            lambda: any(e == "job_finished" and f.get("completed") is False for e, f in worker_events),
-            timeout=5,
-        )
+        # The hub sees the consumer go and aborts the worker connection...
+        await wait_until(reactor, lambda: hub.service.hub.totals["request"] >= 1, timeout=5)
+        await wait_until(reactor, lambda: not any(s.links for s in worker.runtime.slots), timeout=5)
+        # ...but the job is not over while the app still computes: its slot
+        # (thread, gate grant) stays taken, so concurrency limits stay true.
+        assert not any(e == "job_finished" for e, _ in worker_events)
+        assert any(s.request is not None for s in worker.runtime.slots)
 
         # The app finishes its computation shortly after the stop began.
         timer = threading.Timer(0.5, app.release.set)
@@ -685,6 +687,7 @@ async def test_worker_stop_after_consumer_left_mid_job_does_not_block_the_reacto
             timer.cancel()
             app.release.set()
         await wait_until(reactor, app.done.is_set)
+        assert any(e == "job_finished" and f.get("completed") is False for e, f in worker_events)
         assert app.reactor_responsive, (
             "WorkerService.stopService blocked the reactor thread while a WSGI thread was still running "
             "(ThreadPool.stop() joins it; its write via blockingCallFromThread would deadlock)"

@@ -57,6 +57,13 @@ class HubService(LogFormatMixin, MultiService):
             resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
             self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics", option="--metrics")
             self.operator_listener.setServiceParent(self)
+        self.admin_listener: Listener | None = None
+        if config.admin is not None:
+            from .admin import admin_site
+
+            # Stays up through the drain: /status shows it progress.
+            self.admin_listener = Listener(reactor, config.admin, admin_site(self.hub), "admin", option="--admin")
+            self.admin_listener.setServiceParent(self)
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: listening for consumers and workers, and not draining."""
@@ -84,6 +91,8 @@ class HubService(LogFormatMixin, MultiService):
         listeners = self.consumer_listeners + self.worker_listeners
         if self.operator_listener is not None:
             listeners.append(self.operator_listener)
+        if self.admin_listener is not None:
+            listeners.append(self.admin_listener)
         return DeferredList(
             [listener.when_listening() for listener in listeners],
             fireOnOneErrback=True,
@@ -115,6 +124,8 @@ class HubService(LogFormatMixin, MultiService):
                 )
                 for job in list(hub.jobs):
                     job.give_up()
+        # Let the last responses reach their consumers before the reactor stops.
+        yield self.consumer_site.close_connections(self.reactor, grace=2.0)
         hub.draining_workers = True
         for connection in hub.queue.take_ready():
             connection.close()

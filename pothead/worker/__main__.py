@@ -4,7 +4,9 @@
 [module:app]``: the reference POTHEAD worker's command line, running our worker.
 
 Options keep the reference meaning.  One that our worker does not support
-yet stops the worker with a one-line message rather than being ignored.
+stops the worker with a one-line message rather than being ignored.
+``--redirect-response`` and ``--inspection-port`` take a port (every
+interface, as the reference binds) or a Twisted endpoint string.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ DEFAULT_APP = "pothead.worker:demo_app"
 
 #: Options accepted for compatibility whose feature is not built yet.
 UNSUPPORTED = {
-    "redirect_response": "--redirect-response is not supported by this version of pothead's worker yet",
-    "inspection_port": "--inspection-port is not supported by this version of pothead's worker yet",
     "use_request_subprocess": "--use-request-subprocess is not supported by pothead's worker; "
     "run the app in its own process with twistd pothead-worker instead",
 }
@@ -33,6 +33,32 @@ def _default_workers() -> int:
         return max(1, int(text))
     except ValueError:
         raise SystemExit(f"pothead.worker: POTHEAD_WORKERS={text!r} is not a whole number") from None
+
+
+def _listen_description(value: str | None, option: str) -> str | None:
+    """A port number (the reference's form: every interface) -> ``tcp:PORT``; endpoint strings unchanged."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        if not 0 <= int(text) <= 65535:
+            raise ConfigError(f"{option}: {text} is not a port number")
+        return f"tcp:{int(text)}"
+    if ":" not in text:
+        raise ConfigError(f"{option}: {value!r} is not a port number or an endpoint like tcp:8081:interface=127.0.0.1")
+    return text
+
+
+def _expiry_from_environment() -> float:
+    """The reference worker reads the redirect expiry from $OOB_ITEM_EXPIRY_SECONDS."""
+    text = os.environ.get("OOB_ITEM_EXPIRY_SECONDS", "20")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"OOB_ITEM_EXPIRY_SECONDS={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ConfigError(f"OOB_ITEM_EXPIRY_SECONDS must be > 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--redirect-response",
         default=None,
         metavar="PORT",
-        help="Redirect successful responses to this port of the worker",
+        help="Redirect successful responses to this port of the worker (all interfaces, like the reference; "
+        "or a Twisted endpoint string); keys expire after $OOB_ITEM_EXPIRY_SECONDS (default 20) seconds",
     )
-    parser.add_argument("--inspection-port", default=None, type=int, metavar="PORT", help="Serve a small inspection API on PORT")
+    parser.add_argument(
+        "--inspection-port",
+        default=None,
+        metavar="PORT",
+        help="Serve /inspect and /apocalypse on PORT (all interfaces, like the reference; or a Twisted endpoint string)",
+    )
     parser.add_argument("--use-request-subprocess", action="store_true", help="Not supported (reference option)")
     jobs = parser.add_mutually_exclusive_group()
     jobs.add_argument(
@@ -72,7 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"pothead.worker: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
-    config = WorkerConfig(connect=(args.connect,), app=args.app, threads=args.workers, poll_jobs=args.poll_jobs)
+    try:
+        redirect = _listen_description(args.redirect_response, "--redirect-response")
+        inspect = _listen_description(args.inspection_port, "--inspection-port")
+        expiry = _expiry_from_environment()
+    except ConfigError as e:
+        print(f"pothead.worker: {e}", file=sys.stderr)
+        return 2
+    config = WorkerConfig(
+        connect=(args.connect,),
+        app=args.app,
+        threads=args.workers,
+        poll_jobs=args.poll_jobs,
+        redirect=redirect,
+        redirect_expiry=expiry,
+        inspect=inspect,
+    )
 
     def make(reactor: Any) -> Any:
         from .service import WorkerService

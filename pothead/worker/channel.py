@@ -27,6 +27,7 @@ from ..headers import REQUEST_ID, choose_request_id
 from .wsgi import Flow, job_app
 
 if TYPE_CHECKING:
+    from .redirect import ParkedResponse
     from .slots import Link, WorkerRuntime
 
 #: Written on an idle connection that the worker closes (drain, or a slot
@@ -89,13 +90,79 @@ class JobRequest(Request):
         self.finish()
 
     _kept = False
+    #: Set when the response was parked for --redirect-response (the hub got a 303).
+    redirected: ParkedResponse | None = None
+
+    def send_redirect(self, parked: ParkedResponse, location: bytes) -> None:
+        """
+        Answer the hub ``303 See Other`` for a parked response, and close this
+        connection after it: the slot stays busy until the parked body is done,
+        so the connection must not go back to the hub as ready.
+        """
+        self.redirected = parked
+        self.setResponseCode(http.SEE_OTHER)
+        self.setHeader(b"location", location)
+        self.setHeader(b"content-length", b"0")
+        self.setHeader(b"cache-control", b"no-store")
+        self.setHeader(b"connection", b"close")
+        self._kept = False
+        if self.channel is not None:
+            self.channel.persistent = False
+        self.finish()
+
+    #: True while the app's call runs in a WSGI thread.  The job (and its
+    #: slot, thread and gate grant) is over only once the response is over
+    #: AND the app has returned: a consumer that leaves does not free a CPU
+    #: that the app is still using.
+    _app_running = False
+    _over: object = None
+    _over_seen = False
+
+    def app_started(self) -> None:
+        self._app_running = True
+
+    def app_returned(self) -> None:
+        """Called in the reactor thread when the app's call has returned."""
+        self._app_running = False
+        if self._over_seen:
+            self._report_over(self._over)
 
     def _job_over(self, result: object) -> None:
+        self._over, self._over_seen = result, True
+        if not self._app_running:
+            self._report_over(result)
+
+    def _fully_sent(self) -> bool:
+        # With Connection: close the hub may close as soon as it has the whole
+        # body, before our finish() ran: then the response was complete anyway.
+        declared = self.responseHeaders.getRawHeaders(b"content-length")
+        if not declared or not self.startedWriting:
+            return False
+        try:
+            return self.sentLength >= int(declared[0])
+        except ValueError:
+            return False
+
+    def _report_over(self, result: object) -> None:
+        if getattr(self, "_reported", False):
+            return
+        self._reported = True
+        completed = not isinstance(result, Failure) or self._fully_sent()
         link = self._link
-        if self._kept and not isinstance(result, Failure) and link is not None and link.channel is not None:
+        if self._kept and completed and link is not None and link.channel is not None:
             link.channel.expect_reuse()
-        if link is not None:
-            link.job_over(self, completed=not isinstance(result, Failure))
+        if link is None:
+            return
+        redirected = self.redirected
+        if redirected is not None and completed:
+            # The hub has its 303; the job goes on until the parked body has
+            # been sent, abandoned or expired (the WSGI thread let go of it).
+            def over(outcome: str) -> None:
+                link.job_over(self, completed=outcome in ("sent", "expired"))
+
+            redirected.done.addCallback(over)
+            return
+        link.job_over(self, completed=completed)
 
     def start_flow(self) -> Flow:
         self._flow = Flow()
@@ -123,8 +190,20 @@ class JobResource(Resource):
         flow = request.start_flow()
         link = request.channel.link
         prepare = link.slot.prepare_environ if link is not None else None
-        app = job_app(runtime.app, request.request_id, flow, prepare)
-        WSGIResource(runtime.reactor, runtime.threadpool, app).render(request)
+        parking = None
+        if runtime.redirects is not None and request.method != b"HEAD":
+            # (A HEAD response has no body to fetch; it goes through the hub.)
+            from .redirect import Parking
+
+            parking = Parking(runtime.redirects, request, request.request_id)
+        reactor = runtime.reactor
+
+        def returned() -> None:  # in the WSGI thread
+            reactor.callFromThread(request.app_returned)
+
+        app = job_app(runtime.app, request.request_id, flow, prepare, parking, on_return=returned)
+        request.app_started()
+        WSGIResource(reactor, runtime.threadpool, app).render(request)
         return NOT_DONE_YET
 
 

@@ -5,7 +5,7 @@ The worker's runtime state: the app, its thread pool, the hubs and the slots.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -13,6 +13,9 @@ from twisted.python.threadpool import ThreadPool
 
 from .channel import JobRequest, ReverseSite
 from .slots import HubTarget, Slot
+
+if TYPE_CHECKING:
+    from .redirect import Redirects
 
 
 class RunningJob:
@@ -44,11 +47,14 @@ class WorkerRuntime:
         *,
         threads: int,
         keep_alive: bool = True,
+        worker_token: bytes | None = None,
     ) -> None:
         self.reactor = reactor
         self.app = app
         self.targets = targets
         self.keep_alive = keep_alive
+        #: Sent in a PTTH upgrade on every hub connection (None: no handshake).
+        self.worker_token = worker_token
         self.threadpool = ThreadPool(minthreads=0, maxthreads=max(1, threads), name="pothead-wsgi")
         self.site = ReverseSite(self)
         self.slots: set[Slot] = set()
@@ -57,6 +63,8 @@ class WorkerRuntime:
         self.stopping = False
         self._next_slot = 0
         self.observers: list[Callable[[str, dict[str, object]], None]] = []
+        #: Parked and streaming responses (``--redirect-response``; None: off).
+        self.redirects: Redirects | None = None
 
     def emit(self, event: str, **fields: object) -> None:
         self.totals[event] += 1
@@ -112,15 +120,27 @@ class WorkerRuntime:
         self.running.pop(request.request_id, None)
         duration = self.reactor.seconds() - getattr(request, "started_at", self.reactor.seconds())
         status = request.code if completed else None
+        outcome = "done" if completed else "aborted (hub connection lost)"
+        sent = request.sentLength
+        parked = request.redirected
+        if parked is not None:
+            # The hub got a 303; what counts is what became of the parked body.
+            sent = parked.bytes_sent
+            status = {"sent": int(parked.status.split(" ", 1)[0]), "expired": 303}.get(parked.outcome or "")
+            outcome = {
+                "sent": "done via redirect",
+                "expired": "ended: redirect never fetched (expired)",
+                "failed": "failed while streaming its redirect",
+            }.get(parked.outcome or "", "aborted (redirect consumer left)")
         self.emit("job_finished", status=status, duration=duration, completed=completed)
         self._log.info(
             "[{request_id}] job {outcome}: {method} {path} {status} {bytes}B in {duration:.3f}s",
             request_id=request.request_id,
-            outcome="done" if completed else "aborted (hub connection lost)",
+            outcome=outcome,
             method=request.method.decode("latin-1"),
             path=request.uri.decode("latin-1"),
             status=status if status is not None else "-",
-            bytes=request.sentLength,
+            bytes=sent,
             duration=duration,
         )
 
@@ -130,8 +150,14 @@ class WorkerRuntime:
         self.threadpool.start()
 
     def stop(self) -> Deferred[Any]:
-        """Close idle connections now; fires once every in-flight job has finished."""
+        """
+        Close idle connections now; fires once every in-flight job has finished
+        (with --redirect-response: once parked bodies were fetched and sent, or
+        expired -- their slots stay busy until then).
+        """
         self.stopping = True
+        if self.redirects is not None:
+            self.redirects.stop_parking()
         busy = sum(1 for slot in self.slots if slot.request is not None)
         self._log.info("worker stopping: closing idle connections, waiting for {busy} running jobs", busy=busy)
         return DeferredList([slot.stop() for slot in list(self.slots)])

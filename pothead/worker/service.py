@@ -8,14 +8,18 @@ import re
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ..config import ConfigError, WorkerConfig
 from ..listening import Listener
+from ..tls import client_tls
 from ..logs import LogFormatMixin
+from .inspect import Inspection
 from .polling import SlotPoller
+from .redirect import Redirects
 from .runtime import WorkerRuntime
 from .slots import HubTarget
 
@@ -30,6 +34,17 @@ def client_endpoint_description(text: str) -> str:
         host = host.replace(":", r"\:")
         return f"tcp:host={host}:port={match.group('port')}"
     return text
+
+
+def endpoint_host(description: str) -> str | None:
+    """The host a ``tcp:``/``host:port`` hub address names (for TLS verification)."""
+    if not description.startswith("tcp:"):
+        return None
+    for part in re.split(r"(?<!\\):", description[4:]):
+        key, _, value = part.partition("=")
+        if key == "host":
+            return value.replace("\\:", ":")
+    return None
 
 
 def parse_client_endpoint(reactor: Any, text: str) -> Any:
@@ -57,18 +72,35 @@ class WorkerService(LogFormatMixin, MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        targets = [
-            HubTarget(
-                client_endpoint_description(text),
-                parse_client_endpoint(reactor, text),
-                config.reconnect_initial,
-                config.reconnect_max,
-            )
-            for text in config.connect
-        ]
+        tls = client_tls(config.tls_ca, config.tls_cert, config.tls_key)
+        targets = []
+        for text in config.connect:
+            endpoint = parse_client_endpoint(reactor, text)
+            description = client_endpoint_description(text)
+            if tls is not None:
+                host = endpoint_host(description)
+                if host is None:
+                    raise ConfigError(f"--tls-ca: cannot tell the hub's host name from {text!r}; use HOST:PORT")
+                endpoint = tls.wrap(endpoint, host)
+                description = f"tls:{description}"
+            targets.append(HubTarget(description, endpoint, config.reconnect_initial, config.reconnect_max))
         self.runtime = WorkerRuntime(
-            reactor, app, targets, threads=config.threads, keep_alive=config.keep_alive
+            reactor,
+            app,
+            targets,
+            threads=config.threads,
+            keep_alive=config.keep_alive,
+            worker_token=config.worker_token,
         )
+        self.redirect_listener: Listener | None = None
+        if config.redirect is not None:
+            self.redirect_listener = self._redirect_listener(config, reactor)
+        self.inspection: Inspection | None = None
+        self.inspect_listener: Listener | None = None
+        if config.inspect is not None:
+            self.inspection = Inspection(self.runtime)
+            self.inspect_listener = Listener(reactor, config.inspect, self.inspection.site, "inspection", option="--inspect")
+            self.inspect_listener.setServiceParent(self)
         self.poller: SlotPoller | None = None
         if config.poll_jobs:
             wait_for_slot = getattr(app, "wait_for_slot", None)
@@ -88,6 +120,27 @@ class WorkerService(LogFormatMixin, MultiService):
             resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
             self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics", option="--metrics")
             self.operator_listener.setServiceParent(self)
+
+    def _redirect_listener(self, config: WorkerConfig, reactor: Any) -> Listener:
+        description = config.redirect or ""
+        kind = description.strip().split(":", 1)[0].lower()
+        if config.redirect_url_base is None and kind == "unix":
+            raise ConfigError(
+                "--redirect-response: a unix socket has no address consumers can be sent to; "
+                "add --redirect-url-base with the URL a proxy serves it at"
+            )
+        redirects = Redirects(
+            reactor,
+            config.redirect_expiry,
+            config.redirect_url_base,
+            self.runtime.emit,
+            scheme="https" if kind == "ssl" else "http",
+        )
+        self.runtime.redirects = redirects
+        listener = Listener(reactor, description, redirects.site, "redirected responses", option="--redirect-response")
+        redirects.listener = listener
+        listener.setServiceParent(self)
+        return listener
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: connected to at least one hub, and not stopping."""
@@ -120,11 +173,22 @@ class WorkerService(LogFormatMixin, MultiService):
         # halt() turns true first, so a gate blocked in wait_for_slot returns.
         poller_stopped = self.poller.stop() if self.poller is not None else None
         drained = self.runtime.stop()
+        redirects = self.runtime.redirects
+        if redirects is not None and redirects.active:
+            self._log.info(
+                "waiting for {parked} parked responses to be fetched or expire and {streaming} to finish streaming",
+                parked=len(redirects.parked),
+                streaming=len(redirects.active) - len(redirects.parked),
+            )
+        in_time = True
         if self.config.drain_timeout is not None:
-            drained.addTimeout(self.config.drain_timeout, self.reactor)
-        try:
+            # Not drained.addTimeout(): runtime.stop() is a DeferredList, which
+            # *succeeds* (with failures inside) when cancelled, so the timeout
+            # would never be seen.
+            in_time = yield _within(drained, self.config.drain_timeout, self.reactor)
+        else:
             yield drained
-        except Exception:
+        if not in_time:
             self._log.warn(
                 "drain timeout after {timeout}s with {n} jobs still running; closing their connections",
                 timeout=self.config.drain_timeout,
@@ -134,8 +198,44 @@ class WorkerService(LogFormatMixin, MultiService):
                 for link in list(slot.links.values()):
                     if link.channel is not None:
                         link.channel.transport.abortConnection()
+            if redirects is not None:
+                # Wake the WSGI threads holding parked or streaming bodies.
+                redirects.abort_all()
+            # Stopping the thread pool joins the WSGI threads: give the ones
+            # just cut off a moment to notice, or the join could wait on a
+            # thread that waits on the reactor.
+            yield _within(drained, 5.0, self.reactor)
         if poller_stopped is not None:
             yield poller_stopped
-        self.runtime.stop_threads()
+        # ThreadPool.stop() joins the WSGI threads: never on the reactor thread,
+        # where a thread still writing through the reactor would deadlock it.
+        yield deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.runtime.stop_threads)
+        if redirects is not None:
+            redirects.close_connections()
+        if self.inspection is not None:
+            # Fully stopped: /apocalypse watchers get their last line now.
+            yield self.inspection.worker_stopped()
+            self.inspection.close_connections()
         yield MultiService.stopService(self)
         self._log.info("worker stopped after {jobs} jobs", jobs=self.runtime.totals["job_finished"])
+
+
+def _within(d: Deferred[Any], seconds: float, reactor: Any) -> Deferred[bool]:
+    """Fires True when ``d`` fires within ``seconds``, else False then; ``d`` itself is left alone."""
+    out: Deferred[bool] = Deferred()
+
+    def late() -> None:
+        if not out.called:
+            out.callback(False)
+
+    timer = reactor.callLater(seconds, late)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            out.callback(True)
+        return result
+
+    d.addBoth(done)
+    return out

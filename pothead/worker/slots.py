@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .channel import JobRequest, ReverseChannel, ReverseSite
+from .handshake import Handshake, HandshakeRefused
 
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
@@ -88,10 +89,14 @@ class _LinkFactory(Factory):
         self._link = link
         self._site = site
 
-    def buildProtocol(self, addr: Any) -> ReverseChannel:
+    def buildProtocol(self, addr: Any) -> Protocol:
         channel: ReverseChannel = self._site.buildProtocol(addr)
         channel.link = self._link
-        return channel
+        token = self._link.slot.runtime.worker_token
+        if token is None:
+            return channel
+        # Authenticated hubs: the channel sees the connection only after 101.
+        return Handshake(channel, token, self._link.target.description, self._link.handshake_failed)
 
 
 class LinkState(enum.Enum):
@@ -131,6 +136,16 @@ class Link:
         if not reason.check(CancelledError):
             self.target.failed(reason)
             self.slot.runtime.emit("connect_failed", hub=self.target.description)
+        self.slot.link_closed(self)
+
+    def handshake_failed(self, why: str) -> None:
+        """The hub refused our upgrade (or closed during it): a failed attempt."""
+        self._attempt = None
+        if self.state is LinkState.CLOSED:
+            return
+        self.state = LinkState.CLOSED
+        self.target.failed(Failure(HandshakeRefused(f"PTTH upgrade refused: {why}")))
+        self.slot.runtime.emit("connect_failed", hub=self.target.description)
         self.slot.link_closed(self)
 
     # -- called by the ReverseChannel ----------------------------------------

@@ -11,11 +11,14 @@ import importlib
 import os
 import sys
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from twisted.logger import Logger
 
 from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from .redirect import Parking
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -89,27 +92,46 @@ def error_page(request_id: str) -> bytes:
 
 
 def job_app(
-    app: WSGIApp, request_id: str, flow: Flow, prepare_environ: Callable[[dict[str, Any]], None] | None = None
+    app: WSGIApp,
+    request_id: str,
+    flow: Flow,
+    prepare_environ: Callable[[dict[str, Any]], None] | None = None,
+    parking: Parking | None = None,
+    on_return: Callable[[], None] | None = None,
 ) -> WSGIApp:
     """
     ``app`` as seen by one job: ``REQUEST_ID`` in its environ (and whatever
-    ``prepare_environ`` adds: the gate's ``request_received`` runs there), a 500 page carrying the request id when it fails before sending
-    anything, and each chunk pulled only when the connection can take it.
+    ``prepare_environ`` adds: the gate's ``request_received`` runs there), a
+    500 page carrying the request id when it fails before sending anything,
+    and each chunk pulled only when the connection can take it.
+
+    With ``parking`` (``--redirect-response``) a ``200`` is parked when it is
+    about to start, and this thread streams it to the consumer who fetches it
+    (see :mod:`pothead.worker.redirect`); the app's iterator is closed, and
+    the job ends, only after that.  ``on_return`` is called (in this thread)
+    when the app's call is over, whichever way it ended.
     """
 
     def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
         environ["REQUEST_ID"] = request_id
         sent_body = False
         result: Iterable[bytes] | None = None
+        respond = parking.wrap(start_response) if parking is not None else start_response
         try:
             if prepare_environ is not None:
                 prepare_environ(environ)
-            result = app(environ, start_response)
-            for chunk in result:
+            result = app(environ, respond)
+            chunks = iter(result)
+            for chunk in chunks:
+                if parking is not None and not parking.decided and chunk:
+                    if parking.offer(chunk, chunks):
+                        return
                 if chunk:
                     sent_body = True
                 yield chunk
                 flow.wait()
+            if parking is not None and not parking.decided:
+                parking.offer(None, chunks)
         except GeneratorExit:
             raise
         except Exception:
@@ -124,8 +146,16 @@ def job_app(
             )
             yield body
         finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            try:
+                try:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+                finally:
+                    if parking is not None:
+                        parking.release()
+            finally:
+                if on_return is not None:
+                    on_return()
 
     return application
