@@ -49,13 +49,11 @@ class HubService(LogFormatMixin, MultiService):
             listener.setServiceParent(self)
         self.operator_listener: Listener | None = None
         if config.metrics is not None:
-            from twisted.web.server import Site
-
             from .. import metrics
 
             metrics.observe_hub(self.hub)
-            resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
-            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics", option="--metrics")
+            site = metrics.operator_site(metrics.export_registry(config.multiprocess_dir), self.readiness)
+            self.operator_listener = Listener(reactor, config.metrics, site, "metrics", option="--metrics")
             self.operator_listener.setServiceParent(self)
         self.admin_listener: Listener | None = None
         if config.admin is not None:

@@ -108,10 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         redirect = _listen_description(args.redirect_response, "--redirect-response")
         inspect = _listen_description(args.inspection_port, "--inspection-port")
         expiry = _expiry_from_environment()
+        # Like the original: PROMETHEUS_MULTIPROC_DIR (wiped now, before any
+        # metric exists) turns on metrics on PROMETHEUS_PORT (default 9090).
+        from ..promdir import metrics_endpoint
+
+        metrics, multiprocess_dir = metrics_endpoint(None)
     except ConfigError as e:
         print(f"pothead.worker: {e}", file=sys.stderr)
         return 2
     config = WorkerConfig(
+        metrics=metrics,
+        multiprocess_dir=multiprocess_dir,
         connect=(args.connect,),
         app=args.app,
         threads=args.workers,

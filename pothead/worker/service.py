@@ -112,13 +112,11 @@ class WorkerService(LogFormatMixin, MultiService):
             self.poller = SlotPoller(self.runtime, wait_for_slot)
         self.operator_listener: Listener | None = None
         if config.metrics is not None:
-            from twisted.web.server import Site
-
             from .. import metrics
 
             metrics.observe_worker(self.runtime)
-            resource = metrics.operator_resource(metrics.export_registry(config.multiprocess_dir), self.readiness)
-            self.operator_listener = Listener(reactor, config.metrics, Site(resource), "metrics", option="--metrics")
+            site = metrics.operator_site(metrics.export_registry(config.multiprocess_dir), self.readiness)
+            self.operator_listener = Listener(reactor, config.metrics, site, "metrics", option="--metrics")
             self.operator_listener.setServiceParent(self)
 
     def _redirect_listener(self, config: WorkerConfig, reactor: Any) -> Listener:
