@@ -36,6 +36,54 @@ def client_endpoint_description(text: str) -> str:
     return text
 
 
+#: For addresses expanded from a host name: the name, for TLS verification.
+_tls_names: dict[str, str] = {}
+
+
+def expand_hub_addresses(addresses: tuple[str, ...], resolve: Any = None) -> list[str]:
+    """
+    Every hub behind each ``--connect``: a ``HOST:PORT`` whose host name
+    resolves to several addresses means several hubs (as in the original), so
+    it becomes one address per hub; the name is resolved once, at start-up
+    (before the reactor runs).  Endpoint strings and literal IPs are kept.
+    """
+    import ipaddress
+    import socket
+
+    resolve = resolve or socket.getaddrinfo
+    out: list[str] = []
+    for text in addresses:
+        match = _HOST_PORT.match(text.strip())
+        if not match or match.group("v6"):
+            out.append(text)
+            continue
+        host, port = match.group("host"), match.group("port")
+        try:
+            ipaddress.ip_address(host)
+            out.append(text)
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = resolve(host, int(port), type=socket.SOCK_STREAM)
+        except OSError:
+            out.append(text)  # not resolvable now: connect by name and retry
+            continue
+        found: list[str] = []
+        for family, _, _, _, sockaddr in infos:
+            address = f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+            if address not in found:
+                found.append(address)
+        if len(found) <= 1 or all(ipaddress.ip_address(a.strip("[]").rsplit(":", 1)[0].strip("[]")).is_loopback for a in found):
+            # One address, or one machine (localhost -> 127.0.0.1 and ::1).
+            out.append(text)
+            continue
+        for address in found:
+            _tls_names[address] = host
+            out.append(address)
+    return out
+
+
 def endpoint_host(description: str) -> str | None:
     """The host a ``tcp:``/``host:port`` hub address names (for TLS verification)."""
     if not description.startswith("tcp:"):
@@ -74,11 +122,11 @@ class WorkerService(LogFormatMixin, MultiService):
         self.reactor = reactor
         tls = client_tls(config.tls_ca, config.tls_cert, config.tls_key)
         targets = []
-        for text in config.connect:
+        for text in expand_hub_addresses(config.connect):
             endpoint = parse_client_endpoint(reactor, text)
             description = client_endpoint_description(text)
             if tls is not None:
-                host = endpoint_host(description)
+                host = _tls_names.get(text) or endpoint_host(description)
                 if host is None:
                     raise ConfigError(f"--tls-ca: cannot tell the hub's host name from {text!r}; use HOST:PORT")
                 endpoint = tls.wrap(endpoint, host)
