@@ -52,6 +52,9 @@ class JobRequest(Request):
     """One job: a request from the hub, answered by the WSGI app."""
 
     channel: ReverseChannel
+    #: The WSGI app reads wsgi.input itself: never let twisted.web parse a
+    #: form body into request.args (a multipart upload would sit in memory).
+    _parsePOSTFormSubmission = False
     _flow: Flow | None = None
     _link: Link | None = None
     #: True once the request reached process() (its body is complete).
