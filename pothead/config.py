@@ -79,6 +79,10 @@ class HubConfig:
     drain_timeout: float = 30.0
     #: Seconds after which an idle consumer connection is closed (None: never).
     consumer_idle_timeout: float | None = 60.0
+    #: Seconds from a request's first byte until its head is complete, else 408 (None: no limit).
+    header_timeout: float | None = 10.0
+    #: Open consumer connections beyond which new ones get 503 and a close (None: no cap).
+    max_connections: int | None = 10000
     #: ``Retry-After`` seconds sent with queue-timeout and queue-full 503s.
     retry_after: int = 5
     #: Keep X-Forwarded-Proto/-Host set by a proxy in front (else the hub's own view).

@@ -2,8 +2,10 @@
 TLS for the worker's hub connections, from files an operator has at hand.
 
 The hub's side needs nothing of ours: its ports are endpoint strings, e.g.
-``--workers ssl:4040:privateKey=hub.key:certKey=hub.crt`` (add
-``:caCertsDir=/etc/pothead/worker-ca`` to require worker client certificates).
+``--workers ssl:4040:privateKey=hub.key:certKey=hub.crt``.  Twisted's
+``ssl:`` server endpoint string cannot *require* client certificates, so
+workers authenticate with the worker token (``--worker-token-file``); a
+client certificate (``--tls-cert``) is presented but not enforced by the hub.
 Twisted's own ``tls:`` client endpoint wants a *directory* of CAs, so the
 worker takes ``--tls-ca FILE`` (and ``--tls-cert``/``--tls-key`` for a client
 certificate) and wraps each ``--connect`` address in TLS that verifies the

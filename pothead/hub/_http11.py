@@ -134,7 +134,13 @@ class ReverseHTTPClient:
     worker is about to close (the reference worker closes after each job).
     """
 
+    #: Largest response head (status line and headers) a worker may send;
+    #: _newclient limits each line but not their number.
+    MAX_RESPONSE_HEAD = 65536
+
     def __init__(self) -> None:
+        self._head_pending = False
+        self._head_bytes = 0
         self._protocol = _Protocol(quiescentCallback=self._quiescent)
         self._connection_headers: Headers | None = None
         self.reusable = False
@@ -146,6 +152,12 @@ class ReverseHTTPClient:
 
     def dataReceived(self, data: bytes) -> None:
         self._protocol.dataReceived(data)
+        if self._head_pending:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.MAX_RESPONSE_HEAD:
+                # The request fails with ResponseFailed -> WorkerFailed (502).
+                self._head_pending = False
+                self._protocol.abort()
 
     def connectionLost(self, reason: Failure) -> None:
         self._protocol.connectionLost(reason)
@@ -175,6 +187,8 @@ class ReverseHTTPClient:
         """Write one request; fires with the response head, or fails with
         :class:`NotDelivered` / :class:`WorkerFailed`."""
         self.reusable = False
+        self._head_pending = True
+        self._head_bytes = 0
         raw = Headers()
         for name, value in headers:
             raw.addRawHeader(name, value)
@@ -195,6 +209,11 @@ class ReverseHTTPClient:
                 return Failure(WorkerFailed(_describe(failure)))
             return failure
 
+        def head_over(result: object) -> object:
+            self._head_pending = False
+            return result
+
+        sent.addBoth(head_over)
         sent.addErrback(translate)
         return sent.addCallback(WorkerResponse, connection_headers)
 

@@ -16,11 +16,13 @@ The body was spooled by twisted.web before the job exists (memory up to
 from __future__ import annotations
 
 import enum
+import re
 from typing import IO, Any
 
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -469,6 +471,9 @@ class ConsumerRequest(Request):
     _rejected = False
     #: The worker's response headers pass unchanged: no twisted.web text/html default.
     defaultContentType = None
+    #: Never parse form bodies into request.args: the hub only forwards the
+    #: body, and twisted.web would read a multipart upload wholly into memory.
+    _parsePOSTFormSubmission = False
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -486,12 +491,39 @@ class ConsumerRequest(Request):
         super().requestReceived(command, path, version)
 
 
+#: RFC 9110 5.6.2 token characters: the only ones allowed in a header name.
+_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: Control characters other than HTAB (RFC 9110 5.5): never valid in a header value.
+_CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
+
+
 class ConsumerChannel(http.HTTPChannel):
-    """HTTPChannel answering oversized input with 413/414/431 instead of a bare 400."""
+    """
+    HTTPChannel answering oversized input with 413/414/431 instead of a bare
+    400, and stricter than twisted.web where a lenient parse could let a
+    request be read differently by a proxy in front (request smuggling):
+
+    * lines must end in CRLF (a bare LF is 400), obs-fold is 400;
+    * header names must be tokens, values free of control characters;
+    * ``Transfer-Encoding`` must be exactly one ``chunked`` on HTTP/1.1
+      (other codings 501, repeats or HTTP/1.0 400); twisted.web already
+      refuses Content-Length with Transfer-Encoding, repeated or non-digit
+      Content-Length;
+    * a chunk larger than ``--max-body`` is 413 as soon as its size line is read;
+    * the request head must arrive within ``--header-timeout`` of its first
+      byte (408).  An idle connection with no request started is left to
+      ``--consumer-timeout``.
+    """
 
     site: ConsumerSite
     _refused = False
     _log = Logger()
+    # Split on LF and insist on the CR ourselves: twisted.web waits forever
+    # for a CRLF that a bare-LF client never sends.
+    delimiter = b"\n"
+    _header_timer: Any = None
+    _awaiting_head = True
+    _transfer_encodings = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -499,13 +531,90 @@ class ConsumerChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.site.channels.discard(self)
+        self._cancel_header_timer()
         super().connectionLost(reason)
+
+    # -- header timeout ------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            data
+            and self._awaiting_head
+            and self._header_timer is None
+            and not self._handlingRequest
+            and not self._refused
+            and self.site.header_timeout is not None
+        ):
+            self._header_timer = self.callLater(self.site.header_timeout, self._header_timeout)
+        super().dataReceived(data)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._awaiting_head and not self._refused:
+            self.refuse(408, f"request head not received within {self.site.header_timeout:g}s")
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def requestDone(self, request: Request) -> None:
+        self._awaiting_head = True
+        self._transfer_encodings = 0
+        self._cancel_header_timer()
+        super().requestDone(request)
+
+    # -- strict parsing --------------------------------------------------------
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._refused:
+            return False
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            self.refuse(400, "invalid header name")
+            return False
+        value = value.strip(b" \t")
+        if value != value.translate(None, _CTL):
+            self.refuse(400, "control character in a header value")
+            return False
+        if name.lower() == b"transfer-encoding":
+            self._transfer_encodings += 1
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if any(c != b"chunked" for c in codings):
+                self.refuse(501, "only Transfer-Encoding: chunked is supported")
+                return False
+            if self._transfer_encodings > 1 or len(codings) > 1:
+                self.refuse(400, "Transfer-Encoding: chunked given more than once")
+                return False
+            if getattr(self, "_version", None) != b"HTTP/1.1":
+                self.refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+                return False
+        return bool(super().headerReceived(line))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        super().rawDataReceived(data)
+        decoder = self._transferDecoder
+        if (
+            not self._refused
+            and isinstance(decoder, http._ChunkedTransferDecoder)
+            and decoder.state == "BODY"
+            and decoder.length > self.site.max_body
+        ):
+            self.refuse(413, f"request body larger than {self.site.max_body} bytes")
 
     def refuse(self, code: int, message: str) -> None:
         if self._refused:
             return
         self._refused = True
-        reason = {413: "body_too_large", 414: "uri_too_long", 431: "headers_too_large"}.get(code, "bad_request")
+        self._cancel_header_timer()
+        reason = {
+            408: "header_timeout",
+            413: "body_too_large",
+            414: "uri_too_long",
+            431: "headers_too_large",
+            501: "not_implemented",
+        }.get(code, "bad_request")
         # No job exists yet: the event carries the status for the request count.
         self.site.hub.emit("rejected", reason=reason, status=code, job=False)
         peer = self.transport.getPeer()
@@ -531,6 +640,13 @@ class ConsumerChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
+        if not line.endswith(b"\r"):
+            self.refuse(400, "line not ended by CRLF (bare LF)")
+            return
+        line = line[:-1]
+        if line[:1] in (b" ", b"\t"):
+            self.refuse(400, "obsolete line folding or leading whitespace")
+            return
         if not line:
             self._header_lines = 0
         elif self.requests and line[:1] not in b" \t":
@@ -553,6 +669,8 @@ class ConsumerChannel(http.HTTPChannel):
             self.refuse(431, "request header line too long")
 
     def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        self._cancel_header_timer()
         limit = self.site.max_body
         if self.length is not None and self.length > limit:
             self.refuse(413, f"request body larger than {limit} bytes")
@@ -572,6 +690,9 @@ class ConsumerSite(Site):
         super().__init__(ConsumerResource(hub), timeout=hub.config.consumer_idle_timeout)
         self.hub = hub
         self.max_body = hub.config.max_body
+        self.header_timeout = hub.config.header_timeout
+        self.max_connections = hub.config.max_connections
+        self.connections_refused = 0
         #: Open consumer connections, closed gracefully at the end of a drain.
         self.channels: set[ConsumerChannel] = set()
 
@@ -596,7 +717,12 @@ class ConsumerSite(Site):
         check(clock.seconds() + grace)
         return done
 
-    def buildProtocol(self, addr: Any) -> ConsumerChannel:
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.max_connections is not None and len(self.channels) >= self.max_connections:
+            # Over the cap: a 503 costs one write, then the connection goes.
+            self.connections_refused += 1
+            self.hub.emit("rejected", reason="too_many_connections", status=503, job=False)
+            return _TooManyConnections()
         channel: ConsumerChannel = super().buildProtocol(addr)
         channel.totalHeadersSize = self.hub.config.max_header_bytes
         channel.MAX_LENGTH = self.hub.config.max_header_bytes
@@ -605,3 +731,16 @@ class ConsumerSite(Site):
     def log(self, request: Request) -> None:
         # ProxyJob writes one structured access line per request instead.
         pass
+
+
+class _TooManyConnections(Protocol):
+    """Answers a connection over ``--max-connections`` with a 503 and closes it."""
+
+    BODY = b"503 Service Unavailable: too many connections\n"
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(self.BODY), self.BODY)
+        )
+        self.transport.loseConnection()

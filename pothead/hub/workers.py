@@ -19,11 +19,13 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IAddress, ITCPTransport
+from twisted.internet.interfaces import IAddress, IHandshakeListener, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from ..ptth import MAX_HEAD, SWITCHING, check_upgrade, split_head, unauthorized
 from ._http11 import NotDelivered, ReverseHTTPClient, WorkerResponse
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 
 class State(enum.Enum):
+    TLS_HANDSHAKING = "tls-handshaking"
     HANDSHAKING = "handshaking"
     READY = "ready"
     BUSY = "busy"
@@ -48,6 +51,7 @@ def describe_address(address: IAddress | None) -> str:
     return f"unix:{name!r}" if name is not None else str(address)
 
 
+@implementer(IHandshakeListener)
 class WorkerConnection(Protocol):
     """One worker connection; the hub is the HTTP client on it."""
 
@@ -77,6 +81,19 @@ class WorkerConnection(Protocol):
             # there is deliberately no idle timeout on worker connections.
             self.transport.setTcpKeepAlive(True)
         self._hub.worker_connected(self)
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # TLS: a request written now would sit in the TLS buffer and be
+            # lost (502) if the handshake fails; wait for handshakeCompleted.
+            self.state = State.TLS_HANDSHAKING
+            return
+        self._after_transport_ready()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake with the worker succeeded."""
+        if self.state is State.TLS_HANDSHAKING:
+            self._after_transport_ready()
+
+    def _after_transport_ready(self) -> None:
         if self._hub.config.worker_token is not None:
             self.state = State.HANDSHAKING
             self._handshake_timer = self._hub.clock.callLater(self.HANDSHAKE_TIMEOUT, self._handshake_timeout)
@@ -129,6 +146,11 @@ class WorkerConnection(Protocol):
             self._handshake_timer = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state is State.TLS_HANDSHAKING:
+            # Application data before our handshake completed cannot happen
+            # with TLS (it is delivered after); be strict anyway.
+            self.transport.loseConnection()
+            return
         if self.state is State.HANDSHAKING:
             self._handshake(data)
             return

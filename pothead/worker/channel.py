@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.wsgi import WSGIResource
+from zope.interface import implementer
 
 from ..headers import REQUEST_ID, choose_request_id
 from .wsgi import Flow, job_app
@@ -210,8 +211,18 @@ class JobResource(Resource):
         return NOT_DONE_YET
 
 
+@implementer(IHandshakeListener)
 class ReverseChannel(http.HTTPChannel):
     """HTTPChannel over an outgoing connection, tied to one Link."""
+
+    #: True once a TLS handshake with the hub succeeded (TLS connections only).
+    tls_verified = False
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the hub's certificate was accepted."""
+        self.tls_verified = True
+        if self.link is not None:
+            self.link.tls_verified()
 
     link: Link | None = None
     _log = Logger()

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..ptth import MAX_HEAD, check_switching, split_head, upgrade_request
 
@@ -24,6 +26,7 @@ class HandshakeRefused(Exception):
     """The hub did not accept our upgrade (or closed during it)."""
 
 
+@implementer(IHandshakeListener)
 class Handshake(Protocol):
     """Runs the upgrade, then hands every event to ``channel``."""
 
@@ -46,6 +49,12 @@ class Handshake(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(upgrade_request(self._token))
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener (TLS): pass it on to the channel."""
+        completed = getattr(self.channel, "handshakeCompleted", None)
+        if completed is not None:
+            completed()
 
     def dataReceived(self, data: bytes) -> None:
         if self._upgraded:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -154,14 +155,23 @@ class Link:
         self._attempt = None
         self.channel = channel
         self.state = LinkState.OPEN
-        self.target.succeeded()
+        if not isinstance(channel.transport, TLSMemoryBIOProtocol):
+            self.target.succeeded()  # with TLS: once the hub's certificate is accepted
         self.target.connections += 1
         self.slot.runtime.emit("connected", hub=self.target.description)
         self.slot.link_open(self)
 
+    def tls_verified(self) -> None:
+        self.target.succeeded()
+
     def lost(self, channel: ReverseChannel, reason: Failure) -> None:
         self.state = LinkState.CLOSED
         self.target.connections -= 1
+        if isinstance(channel.transport, TLSMemoryBIOProtocol) and not channel.tls_verified:
+            # The TCP connect worked but TLS did not (certificate refused):
+            # a failed attempt, with backoff, not a tight reconnect loop.
+            self.target.failed(reason)
+            self.slot.runtime.emit("connect_failed", hub=self.target.description)
         self.slot.link_closed(self)
 
     def job_arrived(self, request: JobRequest) -> bool:
