@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -28,6 +29,7 @@ from twisted.web._newclient import (
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -205,6 +207,8 @@ class ReverseHTTPClient:
         def translate(failure: Failure) -> Failure:
             if failure.check(RequestNotSent, RequestTransmissionFailed):
                 return Failure(NotDelivered(_describe(failure)))
+            if failure.check(ResponseNeverReceived) and _reset_unread(failure):
+                return Failure(NotDelivered(f"worker reset the connection without reading the request ({_describe(failure)})"))
             if failure.check(ResponseFailed):
                 return Failure(WorkerFailed(_describe(failure)))
             return failure
@@ -216,6 +220,19 @@ class ReverseHTTPClient:
         sent.addBoth(head_over)
         sent.addErrback(translate)
         return sent.addCallback(WorkerResponse, connection_headers)
+
+
+def _reset_unread(failure: Failure) -> bool:
+    """
+    True when the worker's side *reset* the connection before any byte of a
+    response.  A process that dies (SIGKILL, crash) with unread bytes in its
+    socket makes its kernel send RST instead of FIN; our worker reads the
+    whole request before the app starts, so a reset with no response means
+    the job never ran: it is requeued, not answered 502.  A clean close (FIN)
+    after the request was written stays a 502 -- the worker may have read it.
+    """
+    reasons = getattr(failure.value, "reasons", None) or []
+    return bool(reasons) and all(r.check(ConnectionLost) and not r.check(ConnectionDone) for r in reasons)
 
 
 def _describe(failure: Failure) -> str:
