@@ -81,6 +81,8 @@ class HubConfig:
     consumer_idle_timeout: float | None = 60.0
     #: Seconds from a request's first byte until its head is complete, else 408 (None: no limit).
     header_timeout: float | None = 10.0
+    #: Seconds a worker may send nothing mid-body (while the consumer reads) before the job is aborted.
+    worker_stall_timeout: float | None = 300.0
     #: Open consumer connections beyond which new ones get 503 and a close (None: no cap).
     max_connections: int | None = 10000
     #: ``Retry-After`` seconds sent with queue-timeout and queue-full 503s.

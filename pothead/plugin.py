@@ -48,6 +48,8 @@ class HubOptions(_OneLineErrors):
         ["max-header-size", None, "16k", "Largest request line plus headers; larger gets 431 (bytes or suffix)."],
         ["drain-timeout", None, "30", "On SIGTERM, seconds to let queued and running jobs finish before giving up."],
         ["consumer-timeout", None, "60", "Seconds before an idle consumer connection is closed (0: never)."],
+        ["worker-stall-timeout", None, "300", "Seconds a worker may send nothing in the middle of a response body "
+         "(while the consumer reads) before that response is aborted (0: no limit)."],
         ["header-timeout", None, "10", "Seconds from a request's first byte until its head is complete; slower gets 408 (0: no limit)."],
         ["max-connections", None, "10000", "Open consumer connections beyond which new ones get 503 and a close (0: no cap)."],
         ["retry-after", None, "5", "Seconds advertised in Retry-After on 503 responses."],
@@ -94,6 +96,7 @@ class HubOptions(_OneLineErrors):
                 drain_timeout=parse_seconds(self["drain-timeout"], "--drain-timeout") or 0.0,
                 consumer_idle_timeout=parse_seconds(self["consumer-timeout"], "--consumer-timeout"),
                 header_timeout=parse_seconds(self["header-timeout"], "--header-timeout"),
+                worker_stall_timeout=parse_seconds(self["worker-stall-timeout"], "--worker-stall-timeout"),
                 max_connections=parse_count(self["max-connections"], "--max-connections") or None,
                 retry_after=parse_count(self["retry-after"], "--retry-after") or 0,
                 trust_forwarded=bool(self["trust-forwarded"]),

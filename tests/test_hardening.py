@@ -527,3 +527,47 @@ async def test_tls_both_ports_and_client_certificates(tmp_path) -> None:
     # Requiring worker client certificates is NOT tested: Twisted's ssl:
     # server endpoint string takes no caCertsDir (only the client side does),
     # so the hub cannot demand client certificates through --workers today.
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_stall_timeout_aborts_the_stalled_response_only() -> None:
+    hub = await start_hub(reactor, HubConfig(queue_timeout=10, drain_timeout=0.5, worker_stall_timeout=0.5))
+    try:
+        fake = deferToThread(scripted_worker, hub.worker_port, stall_mid_body, 5.0)
+        await wait_until(reactor, lambda: hub.service.hub.queue.ready == 1)
+        started = reactor.seconds()
+        response = await treq.get(hub.url("/stalls"), persistent=False)
+        assert response.code == 200
+        with pytest.raises(Exception):
+            await response.content()  # aborted, not a clean short body
+        waited = reactor.seconds() - started
+        assert 0.4 < waited < 2.5, waited
+        assert await fake is True  # the hub dropped the stalled worker's connection
+        assert hub.service.hub.totals["request"] == 1
+    finally:
+        await hub.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_stall_timeout_ignores_a_slow_consumer() -> None:
+    # 8 MB through a consumer that reads nothing for 1.5 s: the hub pauses the
+    # worker (backpressure), which must not count as the worker stalling.
+    def big(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", str(8 * 1024 * 1024))])
+        return (b"x" * 65536 for _ in range(128))
+
+    async with running_pair(big, hub_config=HubConfig(worker_stall_timeout=0.5)) as pair:
+        def slow_read() -> int:
+            with socket.create_connection(("127.0.0.1", pair.hub.consumer_port), timeout=10) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                time.sleep(1.5)
+                total = 0
+                while True:
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        return total
+                    total += len(chunk)
+
+        received = await deferToThread(slow_read)
+        assert received > 8 * 1024 * 1024  # headers + the whole body

@@ -261,6 +261,9 @@ class ProxyJob:
     def body_started(self, producer: IPushProducer) -> None:
         if self.consumer_gone:
             return
+        stall = self.hub.config.worker_stall_timeout
+        if stall is not None:
+            producer = _StallWatch(producer, self.hub.clock, stall, self._worker_stalled)
         self._producer = producer
         self.request.registerProducer(producer, True)
 
@@ -268,10 +271,23 @@ class ProxyJob:
         if self.consumer_gone:
             return
         self.bytes_sent += len(data)
+        if isinstance(self._producer, _StallWatch):
+            self._producer.progress()
         self.request.write(data)
 
+    def _worker_stalled(self) -> None:
+        if self.state is not JobState.STREAMING or self.consumer_gone:
+            return
+        self._log.warn(
+            "[{request_id}] worker {worker} sent nothing for {stall:g}s mid-body",
+            request_id=self.request_id,
+            worker=self.worker,
+            stall=self.hub.config.worker_stall_timeout,
+        )
+        self.body_failed(Failure(TimeoutError("worker stalled mid-body")))
+
     def body_done(self) -> None:
-        if self.consumer_gone:
+        if self.consumer_gone or self.state is not JobState.STREAMING:
             return
         self._unregister()
         self.state = JobState.DONE
@@ -281,7 +297,7 @@ class ProxyJob:
             self.connection.job_finished()
 
     def body_failed(self, reason: Failure) -> None:
-        if self.consumer_gone:
+        if self.consumer_gone or self.state is not JobState.STREAMING:
             return
         self._unregister()
         self.state = JobState.FAILED
@@ -316,6 +332,8 @@ class ProxyJob:
 
     def _unregister(self) -> None:
         if self._producer is not None:
+            if isinstance(self._producer, _StallWatch):
+                self._producer.cancel()
             self._producer = None
             self.request.unregisterProducer()
 
@@ -327,6 +345,8 @@ class ProxyJob:
         self.consumer_gone = True
         previous = self.state
         self.state = JobState.FAILED
+        if isinstance(self._producer, _StallWatch):
+            self._producer.cancel()
         self._producer = None
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
@@ -402,6 +422,49 @@ class ProxyJob:
             access=True,
         )
         self.hub.job_ended(self)
+
+
+@implementer(IPushProducer)
+class _StallWatch:
+    """
+    The worker connection's push producer, plus a timer: a response body
+    that makes no progress for ``timeout`` seconds *while the consumer is
+    ready for more* is a stalled worker.  Paused time (a slow consumer, our
+    own backpressure) never counts.
+    """
+
+    def __init__(self, producer: IPushProducer, clock: Any, timeout: float, on_stall: Any) -> None:
+        self._producer = producer
+        self._clock = clock
+        self._timeout = timeout
+        self._on_stall = on_stall
+        self._timer: Any = clock.callLater(timeout, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._on_stall()
+
+    def progress(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+
+    def cancel(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def pauseProducing(self) -> None:
+        self.cancel()
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._timeout, self._fire)
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.cancel()
+        self._producer.stopProducing()
 
 
 class _Discard:
