@@ -98,3 +98,9 @@ bench: $(VENV)/.installed-bench $(REF_VENV)/.installed bench-tools
 bench-quick: $(VENV)/.installed-bench $(REF_VENV)/.installed bench-tools
 	$(PY) bench/run.py --quick --reference-python $(abspath $(REF_VENV))/bin/python \
 	  --out bench/out/quick --results bench/out/quick/RESULTS.md $(BENCH_ARGS)
+
+# --poll-jobs + wait_for_idle_cpus(1) against --threads 1/2/4/8 on CPU-bound jobs
+# (~4 minutes; writes the "Gating (--poll-jobs)" section of bench/RESULTS.md).
+.PHONY: bench-gating
+bench-gating: $(VENV)/.installed
+	$(PY) bench/gating.py $(BENCH_GATING_ARGS)

@@ -227,6 +227,18 @@ class ProxyJob:
         self._log.info("[{request_id}] requeued at the head of the queue: {why}", request_id=self.request_id, why=why)
         self.connection = None
         self.worker = None
+        self.state = JobState.QUEUED
+        # Not at once: events already read in this reactor turn (another
+        # connection of the same dead worker closing) must land first, or the
+        # job could be written onto a connection whose FIN is already here.
+        self.hub.clock.callLater(0, self._requeue_now)
+
+    def _requeue_now(self) -> None:
+        if self.consumer_gone or self.state is not JobState.QUEUED or self._waiting is not None:
+            return
+        if self.hub.draining_workers:
+            self._fail(503, "the hub is shutting down; retry shortly", reason="draining", retry_after=True)
+            return
         self._enqueue(front=True)
 
     def _got_response(self, response: WorkerResponse) -> None:
@@ -291,10 +303,12 @@ class ProxyJob:
             return
         self._unregister()
         self.state = JobState.DONE
-        self.request.finish()
-        self._ended("ok")
+        # Free the worker connection first: it may take the next job while we
+        # finish this response and write its access line.
         if self.connection is not None:
             self.connection.job_finished()
+        self.request.finish()
+        self._ended("ok")
 
     def body_failed(self, reason: Failure) -> None:
         if self.consumer_gone or self.state is not JobState.STREAMING:
@@ -753,6 +767,9 @@ class ConsumerSite(Site):
         super().__init__(ConsumerResource(hub), timeout=hub.config.consumer_idle_timeout)
         self.hub = hub
         self.max_body = hub.config.max_body
+        # Requests copy this from the Site: never parse form bodies (a
+        # multipart upload would be read wholly into memory).
+        self._parsePOSTFormSubmission = False
         self.header_timeout = hub.config.header_timeout
         self.max_connections = hub.config.max_connections
         self.connections_refused = 0

@@ -304,6 +304,8 @@ class ReverseSite(Site):
 
     def __init__(self, runtime: WorkerRuntime) -> None:
         super().__init__(JobResource(runtime), timeout=None)
+        # Requests copy this from the Site: the app reads wsgi.input itself.
+        self._parsePOSTFormSubmission = False
 
     def log(self, request: Request) -> None:
         # The runtime writes one structured line per job instead.

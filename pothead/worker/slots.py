@@ -26,6 +26,7 @@ import random
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -134,7 +135,7 @@ class Link:
         if self.state is not LinkState.CONNECTING:
             return
         self.state = LinkState.CLOSED
-        if not reason.check(CancelledError):
+        if not reason.check(CancelledError, ConnectingCancelledError):
             self.target.failed(reason)
             self.slot.runtime.emit("connect_failed", hub=self.target.description)
         self.slot.link_closed(self)
