@@ -115,3 +115,28 @@ async def running_pair(
             await worker.stopService()
     finally:
         await hub.service.stopService()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for subprocess tests that need a fixed port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    """Block (outside a reactor) until ``host:port`` accepts connections; TimeoutError after ``timeout``."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not accept connections within {timeout}s")

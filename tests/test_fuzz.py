@@ -21,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pothead.testing import free_port, wait_for_port
+
 pytestmark = [pytest.mark.no_reactor, pytest.mark.timeout(240)]
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -38,27 +40,10 @@ FRAGMENTS = st.sampled_from(
 STREAMS = st.lists(st.one_of(FRAGMENTS, st.binary(max_size=64)), max_size=12).map(b"".join)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    consumer, workers = _free_port(), _free_port()
+    consumer, workers = free_port(), free_port()
     env = dict(os.environ)
     log = open(tmp / "stack.log", "wb")
     hub = subprocess.Popen(
@@ -68,7 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     )
     worker = None
     try:
-        _wait_port(consumer)
+        wait_for_port(consumer)
         worker = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "pothead-worker", f"--connect=127.0.0.1:{workers}", "--threads=2",
              "pothead.demo:app"],

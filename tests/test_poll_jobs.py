@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,32 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from pothead.testing import free_port, wait_for_port
+
 pytestmark = pytest.mark.no_reactor
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open")
-
-
 class Stack:
     def __init__(self, app: str, tmp_path: Path) -> None:
-        self.consumer, self.workers = _free_port(), _free_port()
+        self.consumer, self.workers = free_port(), free_port()
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
         self.hub_log = open(tmp_path / "hub.log", "wb")
         self.worker_log = open(tmp_path / "worker.log", "wb")
@@ -53,7 +37,7 @@ class Stack:
              f"--workers=tcp:{self.workers}:interface=127.0.0.1"],
             stdout=self.hub_log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )
-        _wait_port(self.consumer)
+        wait_for_port(self.consumer)
         self.worker = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "pothead-worker", f"--connect=127.0.0.1:{self.workers}", "--poll-jobs", app],
             stdout=self.worker_log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,

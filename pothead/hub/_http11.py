@@ -14,7 +14,7 @@ the two outcomes the hub cares about:
 
 from __future__ import annotations
 
-from typing import Callable, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
