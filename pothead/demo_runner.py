@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        children.append(subprocess.Popen(hub_cmd))
-        children.append(subprocess.Popen(worker_cmd))
+        # Own sessions: Ctrl-C reaches only this runner, which then stops each
+        # child with exactly one SIGTERM (a second signal would interrupt the drain).
+        children.append(subprocess.Popen(hub_cmd, start_new_session=True))
+        children.append(subprocess.Popen(worker_cmd, start_new_session=True))
         url = f"http://127.0.0.1:{args.hub_port}/"
         deadline = time.monotonic() + 30
         while True:
