@@ -12,12 +12,12 @@ connection, so a monitoring loop leaves nothing idle behind.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from ..operator import close_after, respond
 from .dispatch import Hub
 
 
@@ -49,19 +49,6 @@ def hub_status_text(status: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wants_json(request: Request) -> bool:
-    args: dict[bytes, list[bytes]] = request.args or {}
-    if args.get(b"format", [b""])[0] == b"json":
-        return True
-    return b"application/json" in (request.getHeader(b"accept") or b"").lower()
-
-
-def _close_after(request: Request) -> None:
-    request.setHeader(b"connection", b"close")
-    if request.channel is not None:
-        request.channel.persistent = False
-
-
 class StatusResource(Resource):
     isLeaf = True
 
@@ -71,21 +58,12 @@ class StatusResource(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         status = hub_status(self._hub)
-        if _wants_json(request):
-            body = (json.dumps(status, indent=2) + "\n").encode()
-            request.setHeader(b"content-type", b"application/json")
-        else:
-            body = hub_status_text(status).encode("utf-8", "replace")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"content-length", str(len(body)).encode())
-        _close_after(request)
-        return body
+        return respond(request, status, hub_status_text(status))
 
 
 class _Index(Resource):
     def render_GET(self, request: Request) -> bytes:
-        _close_after(request)
+        close_after(request)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"pothead hub admin: GET /status (text, or JSON with Accept: application/json)\n"
 

@@ -16,7 +16,6 @@ bind it to loopback or a management network.  Redirect keys are never shown.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..operator import close_after, respond
 from .redirect import ClosingChannel, ClosingSite
 
 if TYPE_CHECKING:
@@ -34,35 +34,6 @@ _log = Logger(namespace="pothead.worker")
 
 #: Seconds between two lines of /apocalypse.
 APOCALYPSE_INTERVAL = 5.0
-
-
-def wants_json(request: Request) -> bool:
-    args: dict[bytes, list[bytes]] = request.args or {}
-    if args.get(b"format", [b""])[0] == b"json":
-        return True
-    accept = (request.getHeader(b"accept") or b"").lower()
-    return b"application/json" in accept
-
-
-def respond(request: Request, status: dict[str, Any], text: str) -> bytes:
-    """The common tail of /inspect and the hub's /status: JSON or text, no caching, one response per connection."""
-    if wants_json(request):
-        body = (json.dumps(status, indent=2, sort_keys=True) + "\n").encode()
-        request.setHeader(b"content-type", b"application/json")
-    else:
-        body = text.encode("utf-8", "replace")
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"content-length", str(len(body)).encode())
-    close_after(request)
-    return body
-
-
-def close_after(request: Request) -> None:
-    # Operator tools open a connection per look; closing keeps nothing idle around.
-    request.setHeader(b"connection", b"close")
-    if request.channel is not None:
-        request.channel.persistent = False
 
 
 class Inspection:
