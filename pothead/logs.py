@@ -3,7 +3,11 @@ Log output: ``--log-format text`` (twistd's own, one line per event) or
 ``--log-format json`` (one JSON object per line, for journald / Loki).
 
 Every event of a request carries its ``request_id`` field; the JSON form
-keeps such fields as keys, next to the formatted ``message``.
+keeps such fields as keys, next to the formatted ``message``.  An event
+whose format is exactly ``"{log_text}"`` was formatted by its emitter (the
+hub's per-request access line, where twisted.logger's pure-Python
+formatter was a measurable share of the hub's CPU); ``log_text`` is then
+the message and, like every ``log_*`` key, not repeated as a field.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class JSONLinesObserver:
             "time": datetime.fromtimestamp(event.get("log_time") or 0, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "level": getattr(level, "name", str(level)),
             "logger": event.get("log_namespace", "-"),
-            "message": formatEvent(event).replace("\n", " | "),
+            "message": _message(event).replace("\n", " | "),
         }
         for key, value in event.items():
             if key.startswith("log_") or key in _SKIP or key in record:
@@ -46,6 +50,13 @@ class JSONLinesObserver:
             record["traceback"] = failure.getTraceback()
         self._out.write(json.dumps(record, default=str) + "\n")
         self._out.flush()
+
+
+def _message(event: dict[str, Any]) -> str:
+    # Hot events (the hub's access line) arrive pre-formatted as {log_text}.
+    if event.get("log_format") == "{log_text}":
+        return str(event.get("log_text", ""))
+    return formatEvent(event)
 
 
 def observer_for(log_format: str) -> ILogObserver | None:

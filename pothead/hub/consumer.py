@@ -23,7 +23,7 @@ from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IBodyProducer
@@ -421,17 +421,25 @@ class ProxyJob:
             job_time=job_time,
             dispatched=self.dispatched_at is not None,
         )
-        self._log.info(
-            "[{request_id}] {method} {path} {status} {bytes}B queue={queue_wait:.3f}s job={job_time:.3f}s "
-            "worker={worker} outcome={outcome}",
+        method = self.request.method.decode("latin-1")
+        path = self.request.uri.decode("latin-1")
+        worker = self.worker or "-"
+        # The line is formatted here with str.format (C) rather than by the
+        # logging system's pure-Python formatter: the access line is the one
+        # event every request writes.  The fields stay on the event (JSON).
+        self._log.emit(
+            LogLevel.info,
+            "{log_text}",
+            log_text=f"[{self.request_id}] {method} {path} {self.status} {self.bytes_sent}B "
+            f"queue={queue_wait:.3f}s job={job_time:.3f}s worker={worker} outcome={outcome}",
             request_id=self.request_id,
-            method=self.request.method.decode("latin-1"),
-            path=self.request.uri.decode("latin-1"),
+            method=method,
+            path=path,
             status=self.status,
             bytes=self.bytes_sent,
             queue_wait=queue_wait,
             job_time=job_time,
-            worker=self.worker or "-",
+            worker=worker,
             outcome=outcome,
             access=True,
         )

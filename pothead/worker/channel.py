@@ -21,11 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
 from ..headers import REQUEST_ID, choose_request_id
-from .wsgi import Flow, job_app
+from .wsgi import Flow, JobResponse, job_app
 
 if TYPE_CHECKING:
     from .redirect import ParkedResponse
@@ -200,14 +199,9 @@ class JobResource(Resource):
             from .redirect import Parking
 
             parking = Parking(runtime.redirects, request, request.request_id)
-        reactor = runtime.reactor
-
-        def returned() -> None:  # in the WSGI thread
-            reactor.callFromThread(request.app_returned)
-
-        app = job_app(runtime.app, request.request_id, flow, prepare, parking, on_return=returned)
+        app = job_app(runtime.app, request.request_id, flow, prepare, parking)
         request.app_started()
-        WSGIResource(reactor, runtime.threadpool, app).render(request)
+        JobResponse(runtime.reactor, runtime.threadpool, app, request, flow, request.app_returned).start()
         return NOT_DONE_YET
 
 
