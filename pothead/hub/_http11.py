@@ -218,6 +218,7 @@ class ReverseHTTPClient:
         self._producer: _BodyProducer | None = None
         self._pending = b""
         self._lost = False
+        self._lost_reason: Failure | None = None
 
     def attach(self, transport: ITransport) -> None:
         self.attached = True
@@ -279,7 +280,14 @@ class ReverseHTTPClient:
         self._body = body
         self._writer = writer
         self.transport.registerProducer(body, True)
-        finished = body.startProducing(writer)
+        try:
+            finished = body.startProducing(writer)
+        except Exception as e:
+            self._writer = None
+            self._body = None
+            self.transport.unregisterProducer()
+            self._fail_request(NotDelivered(f"the request body could not be read: {e}"), abort=True)
+            return
 
         def sent(_: object) -> None:
             if self._writer is not writer:
@@ -335,11 +343,14 @@ class ReverseHTTPClient:
             self.transport.loseConnection()
 
     def _head(self, data: bytes) -> None:
+        # Search only where the end of the head can be: a head that trickles
+        # in byte by byte must not be rescanned from its start every time.
+        start = max(0, len(self._buffer) - 2)
         buffer = self._buffer + data if self._buffer else data
         while True:
-            end = buffer.find(b"\n\r\n")
+            end = buffer.find(b"\n\r\n", start)
             skip = 3
-            end_lf = buffer.find(b"\n\n")
+            end_lf = buffer.find(b"\n\n", start)
             if end_lf != -1 and (end == -1 or end_lf < end):
                 end, skip = end_lf, 2
             if end == -1:
@@ -360,6 +371,7 @@ class ReverseHTTPClient:
                 return
             # A skipped 1xx response: the real one follows.
             buffer = rest
+            start = 0
             if not buffer:
                 return
 
@@ -587,6 +599,7 @@ class ReverseHTTPClient:
 
     def connectionLost(self, reason: Failure) -> None:
         self._lost = True
+        self._lost_reason = reason
         self.reusable = False
         self._stop_body()
         state = self._state
@@ -614,8 +627,11 @@ class ReverseHTTPClient:
         if self._producer is not None:
             self._producer.detach()
             self._producer = None
-        if self._framing == 3:
-            # A close-delimited body: the close *is* its end.
+        if reason is None:
+            reason = self._lost_reason
+        if self._framing == 3 and (reason is None or reason.check(ConnectionDone)):
+            # A close-delimited body: a clean close *is* its end (a reset is
+            # not: the worker died mid-body).
             self._state = _DONE
             sink.body_done()
             return

@@ -109,23 +109,36 @@ class ProxyJob:
 
     _log = Logger()
 
+    __slots__ = (
+        "hub",
+        "request",
+        "request_id",
+        "_forward_headers",
+        "has_body",
+        "state",
+        "arrived",
+        "deadline",
+        "dispatched_at",
+        "worker",
+        "connection",
+        "requeues",
+        "bytes_sent",
+        "consumer_gone",
+        "_waiting",
+        "_producer",
+        "status",
+        "__weakref__",
+    )
+
     def __init__(self, hub: Hub, request: ConsumerRequest) -> None:
         self.hub = hub
         self.request = request
-        raw = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
-        self.request_id = choose_request_id(raw)
-        client = request.getClientAddress()
-        self.forward_headers = forwarded_request_headers(
-            raw,
-            client_address=getattr(client, "host", None),
-            scheme="https" if request.isSecure() else "http",
-            host=request.getHeader(b"host"),
-            request_id=self.request_id,
-            trust_forwarded=hub.config.trust_forwarded,
-        )
-        self.has_body = request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
-            b"transfer-encoding"
-        )
+        headers = request.requestHeaders
+        raw = headers.getRawHeaders(b"x-request-id")
+        self.request_id = choose_request_id([(b"x-request-id", raw[0])] if raw else [])
+        # Built when first dispatched: a queued job holds no copy of its headers.
+        self._forward_headers: list[tuple[bytes, bytes]] | None = None
+        self.has_body = headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
         self.state = JobState.QUEUED
         self.arrived = hub.clock.seconds()
         self.deadline = None if hub.config.queue_timeout is None else self.arrived + hub.config.queue_timeout
@@ -138,6 +151,23 @@ class ProxyJob:
         self._waiting: Deferred[WorkerConnection] | None = None
         self._producer: IPushProducer | None = None
         self.status: int | None = None
+
+    @property
+    def forward_headers(self) -> list[tuple[bytes, bytes]]:
+        """The request headers as the worker gets them (see :func:`forwarded_request_headers`)."""
+        if self._forward_headers is None:
+            request = self.request
+            raw = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+            client = request.getClientAddress()
+            self._forward_headers = forwarded_request_headers(
+                raw,
+                client_address=getattr(client, "host", None),
+                scheme="https" if request.isSecure() else "http",
+                host=request.getHeader(b"host"),
+                request_id=self.request_id,
+                trust_forwarded=self.hub.config.trust_forwarded,
+            )
+        return self._forward_headers
 
     # -- lifecycle ----------------------------------------------------------
 

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from ..config import HubConfig
 from ..listening import Listener
-from ..logs import LogFormatMixin
+from ..logs import LogFormatMixin, speed_up_text_logs
 from .consumer import ConsumerSite
 from .dispatch import Hub
 from .workers import WorkerFactory
@@ -74,6 +74,7 @@ class HubService(LogFormatMixin, MultiService):
 
     def startService(self) -> None:
         super().startService()
+        speed_up_text_logs()
         self._log.info(
             "hub starting: consumers on {listen}, workers on {workers}, queue timeout {qt}, max queue {mq}, "
             "max body {mb} bytes",

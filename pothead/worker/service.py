@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from ..config import ConfigError, WorkerConfig
 from ..listening import Listener
 from ..tls import client_tls
-from ..logs import LogFormatMixin
+from ..logs import LogFormatMixin, speed_up_text_logs
 from .inspect import Inspection
 from .polling import SlotPoller
 from .redirect import Redirects
@@ -200,6 +200,7 @@ class WorkerService(LogFormatMixin, MultiService):
     def startService(self) -> None:
         super().startService()
         self.runtime.start()
+        speed_up_text_logs()
         self._log.info(
             "worker starting: {slots} for app {app}, hubs {hubs}",
             slots="slots granted by the app's wait_for_slot"
