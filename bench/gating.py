@@ -430,7 +430,8 @@ def main() -> int:
     parser.add_argument("--job-cpu", type=float, default=JOB_CPU_TARGET, help="CPU seconds per job [0.2]")
     parser.add_argument("--only", help="comma-separated configuration names (e.g. gate,threads-2)")
     parser.add_argument("--gate-variant", action="append", default=[], metavar="SPEC",
-                        help="extra --poll-jobs configuration with POTHEAD_BENCH_GATE=SPEC (investigation)")
+                        help="extra --poll-jobs configuration: wait_for_idle_cpus with POTHEAD_BENCH_GATE=SPEC "
+                             "arguments, e.g. tolerance=0 (investigation)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="total seconds to spend waiting for the machine to be quiet before configurations [30]")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
@@ -530,10 +531,14 @@ during the window (up to {max_other:.2f} cores in this run{' -- the machine was 
 
 {verdict}
 
-The gate runs with its defaults (max_concurrent = ceil(2 x cores / 1) = {2 * cores} here).  Investigation aids:
-`bench/gating_sim.py` replays the same worker and gate deterministically (fake CPU readers with /proc/stat's
-10 ms ticks, injected clock), and `bench/gating.py --gate-variant SPEC` runs experimental gates from
-`bench/gating_app.py` (e.g. `variant=level,required=1`) next to the configurations above.
+The gate row is `app.wait_for_slot = pothead.gating.wait_for_idle_cpus(1)` with its defaults, as an app would
+set it (max_concurrent = ceil(2 x cores / 1) = {2 * cores} here; tolerance 0.1; readings kept across waits; a
+level the readings admitted is refilled when a job ends unless our jobs are starved -- see the README's Gating
+section).  Before the tolerance, the kept readings and the level refill, it ran one job at a time on this
+benchmark: 0.53x the best fixed setting.  Investigation aids: `bench/gating_sim.py` replays the same worker and
+gate deterministically (fake CPU readers with /proc/stat's 10 ms ticks, injected clock; also with other load:
+`--background`, `--pattern`), and `bench/gating.py --gate-variant SPEC` runs the gate with other arguments
+(e.g. `tolerance=0`) next to the configurations above.
 """
     write_section(section)
     print(f"\nwrote the '{HEADING[3:]}' section of {RESULTS.relative_to(ROOT)}")

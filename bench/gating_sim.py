@@ -4,12 +4,14 @@ for bench/gating.py; no real CPU, no sleeping, no noise from other processes).
 
     .venv/bin/python bench/gating_sim.py [--job-cpu 0.2] [--background 0] [--seconds 60]
 
-The gate under test is the real :class:`pothead.gating.CpuGate` (or a variant from
-bench/gating_app.py), driven through its injected clock, sleep and CPU readers:
+The gate under test is the real :class:`pothead.gating.CpuGate` (as ``wait_for_idle_cpus``
+builds it, or with other arguments: ``--gate SPEC``, bench/gating_app.py's syntax), driven
+through its injected clock, sleep and CPU readers:
 
 * machine: ``--cores`` CPUs shared processor-style between the running jobs and
-  ``--background`` cores' worth of other load; the readers return cumulative idle and
-  busy CPU-seconds rounded down to /proc/stat's 10 ms ticks, like psutil's;
+  ``--background`` cores' worth of other load (``--pattern ON:OFF``: switching on and
+  off); the readers return cumulative idle, busy and own (our jobs') CPU-seconds rounded
+  down to /proc/stat's 10 ms ticks, like psutil's;
 * worker: like pothead/worker/polling.py, the poller asks ``wait_for_slot`` again as
   soon as it gets a grant; each grant opens a connection and the request arrives
   ``--connect-ms`` later (``request_received``), the job needs ``--job-cpu``
@@ -149,15 +151,15 @@ def machine_for(args: argparse.Namespace) -> Machine:
 def simulate_gate(make_gate, args: argparse.Namespace, spec: str) -> dict:
     machine = machine_for(args)
     world = World(machine, args.job_cpu, args.connect_ms / 1000)
-    extra = {"read_own": machine.read_own} if "variant=level" in spec else {}
     gate = make_gate(
         read_idle=machine.read_idle,
         read_used=machine.read_used,
+        read_own=machine.read_own,
         cpu_count=args.cores,
         quota=math.inf,
+        cpu_promised=0.0,
         clock=lambda: machine.now,
         sleep=world.sleep,
-        **extra,
     )
     end = args.seconds
     granted_at_most = 0
@@ -168,7 +170,7 @@ def simulate_gate(make_gate, args: argparse.Namespace, spec: str) -> dict:
         world.arrivals.append((machine.now + world.connect, grant))
         granted_at_most = max(granted_at_most, gate.granted)
     return {"jobs_per_s": world.completed / machine.now, "conc_mean": machine.area / machine.now,
-            "max_granted": granted_at_most}
+            "max_granted": granted_at_most, "level": gate.level}
 
 
 def simulate_threads(n: int, args: argparse.Namespace) -> dict:
@@ -187,6 +189,7 @@ def simulate_threads(n: int, args: argparse.Namespace) -> dict:
 def gate_factory(spec: str):
     """'' -> CpuGate(1) as wait_for_idle_cpus(1) makes it; else a POTHEAD_BENCH_GATE spec (bench/gating_app.py)."""
     os.environ["POTHEAD_BENCH_GATE"] = spec
+    os.environ.pop("POTHEAD_BENCH_GATE_TRACE", None)
     import gating_app
 
     parsed = gating_app._gate_spec(spec)
@@ -208,8 +211,7 @@ def main() -> int:
     parser.add_argument("--gate", action="append", default=[], metavar="SPEC",
                         help="gate variants (POTHEAD_BENCH_GATE syntax; '' = wait_for_idle_cpus(1)) [several]")
     args = parser.parse_args()
-    specs = args.gate or ["", "required=0.9", "required=0.9,inertia=0.3", "variant=restart,required=1",
-                          "variant=restart,required=1,tolerance=0", "variant=level,required=1"]
+    specs = args.gate or ["", "tolerance=0", "inertia=0.3", "inertia=0", "required=1.5"]
     rows = [(f"--threads {n}", simulate_threads(n, args)) for n in (1, 2, 4, 8)]
     best = max(r["jobs_per_s"] for _, r in rows)
     rows += [(f"gate {spec or 'wait_for_idle_cpus(1)'}", simulate_gate(gate_factory(spec), args, spec)) for spec in specs]
@@ -217,7 +219,7 @@ def main() -> int:
           f"connect {args.connect_ms:g} ms, {args.seconds:g} s simulated")
     for name, r in rows:
         print(f"  {name:<48} {r['jobs_per_s']:6.2f} jobs/s  {r['jobs_per_s'] / best:5.2f} of best fixed  "
-              f"conc {r['conc_mean']:.2f}  max granted {r['max_granted']}")
+              f"conc {r['conc_mean']:.2f}  max granted {r['max_granted']}" + (f"  level at end {r['level']}" if 'level' in r else ""))
     return 0
 
 

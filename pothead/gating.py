@@ -18,11 +18,14 @@ Ready-made gates, each a callable ``wait_for_slot``::
 
 Every gate lets at least one job run: while it holds no grant it grants at
 once.  Further grants depend on the gate's readings.  Readings are taken by
-the waiting thread, outside any lock; decisions and grant bookkeeping happen
-under the gate's lock, so ``done()`` and ``request_received()`` may come from
-any (WSGI) thread.  A ``done()`` or a reservation reset wakes a waiter at
-once instead of at its next poll, so a worker whose jobs run one at a time
-takes the next job without a polling delay.
+the waiting thread, outside the gate's lock; decisions and grant bookkeeping
+happen under the gate's lock, so ``done()`` and ``request_received()`` may
+come from any (WSGI) thread.  A ``done()``, a job start or a reservation
+reset wakes a waiter at once instead of at its next poll, so a worker whose
+jobs run one at a time takes the next job without a polling delay.  The CPU
+gate keeps its readings across waits, re-reads them at once after every job
+start and end, and refills a concurrency its readings already admitted as
+soon as a job ends (see :class:`CpuGate`).
 
 Combining gates (:class:`AllOf`) never *holds* one gate's grant while waiting
 for another: each step of the wait takes every member's lock (always in the
@@ -91,6 +94,18 @@ HALT_CHECK_INTERVAL = 0.1
 # jobs block on I/O and leave the CPU idle.
 DEFAULT_CPU_OVERCOMMIT = 2
 CPU_PROMISED_ENV = "POTHEAD_CPU_PROMISED"
+# The CPU gate admits when idle CPUs cover (1 - CPU_TOLERANCE) of what a job
+# needs: /proc/stat counts in 10 ms ticks and the worker uses a little CPU
+# itself, so one free core reads as 0.95-0.99 idle CPUs, never quite 1.
+CPU_TOLERANCE = 0.1
+# Our CPU time per job-second is judged over at least this many job-seconds
+# (so 10 ms ticks are a few % of it) and smoothed with this inertia.
+SHARE_MIN_JOB_SECONDS = 0.2
+SHARE_INERTIA = 0.5
+# How often SystemResources re-checks whether our cgroup holds only us, and
+# re-lists our child processes (for our own CPU time), in seconds.
+OWN_CGROUP_RECHECK = 30.0
+CHILDREN_RELIST = 1.0
 
 
 class Smoothed:
@@ -180,14 +195,18 @@ def _holding(locks: Sequence[threading.Lock]) -> Iterator[None]:
 
 
 class Readings(ABC):
-    """What one ``wait_for_slot`` call has measured so far for one gate.
+    """What one ``wait_for_slot`` call sees of one gate's measurements.
 
-    Created per wait, touched only by the waiting thread (no lock), read by the
-    gate's decision under its lock.  ``next_sample_at`` is when fresh readings
-    are due.
+    Created per wait and sampled by the waiting thread, read by the gate's
+    decision under its lock.  ``next_sample_at`` is when fresh readings are
+    due.  A memory gate's readings belong to the wait; a CPU gate's are a
+    view of measurements the gate keeps across waits (:class:`_CpuSeries`).
     """
 
-    next_sample_at: float
+    @property
+    @abstractmethod
+    def next_sample_at(self) -> float:
+        """When fresh readings are due (the gate's clock)."""
 
     @abstractmethod
     def sample(self, now: float) -> None:
@@ -314,7 +333,7 @@ class Gate(ABC):
 
     @abstractmethod
     def _begin(self, now: float, interval: float) -> Readings:
-        """Fresh readings for one wait, sampled every ``interval`` seconds."""
+        """The readings one wait decides on, sampled every ``interval`` seconds."""
 
     @abstractmethod
     def _admits(self, readings: Readings) -> bool:
@@ -463,50 +482,107 @@ class ReservingGate(Gate):
 # -- CPU ----------------------------------------------------------------------------
 
 
-class _CpuReadings(Readings):
-    """Smoothed idle CPUs and own used CPUs since the start of one wait.
+class _CpuSeries:
+    """
+    The CPU gate's readings, kept across waits (every wait of the gate shares them).
 
-    Both start pessimistic -- nothing idle, every CPU in use -- so a new wait
-    must watch the machine for a few intervals before it trusts it is idle.
+    Smoothed idle CPUs of the machine and CPUs used by us, each the rate of a
+    cumulative counter since ``base``.  A job starting or ending changes CPU
+    use in a step, and a rate measured across the step describes neither
+    side; so such an *event* (the gate counts them) makes the series stale:
+    the next sample only takes a new baseline, at once, and the one after it
+    *replaces* the smoothed values with its rates instead of blending them in
+    (``current`` is false in between, and the gate does not decide on
+    readings then).  Smoothing (``inertia``) resumes from there.
     """
 
-    def __init__(self, gate: CpuGate, now: float, interval: float) -> None:
+    def __init__(self, inertia: float) -> None:
+        self.idle = Smoothed(0.0, inertia)
+        self.used = Smoothed(0.0, inertia)
+        #: (time, idle counter, used counter) the next rates are measured from.
+        self.base: tuple[float, float, float] | None = None
+        #: The gate's event count when ``base`` was taken.
+        self.based_on = -1
+        #: A rate was measured since ``base`` was (re)taken after an event.
+        self.current = False
+        self.next_sample_at = -math.inf
+
+
+class _CpuReadings(Readings):
+    """One wait's view of the gate's :class:`_CpuSeries`: samples it every ``interval`` seconds."""
+
+    def __init__(self, gate: CpuGate, interval: float) -> None:
         self._gate = gate
         self._interval = interval
-        self.idle = SmoothedRate(gate._read_idle(), now, 0.0, gate.inertia)
-        self.used = SmoothedRate(gate._read_used(), now, float(gate.cpu_count), gate.inertia)
-        self.samples = 0
-        self.next_sample_at = now + interval
+
+    @property
+    def next_sample_at(self) -> float:
+        return self._gate._series.next_sample_at
 
     def sample(self, now: float) -> None:
-        idle = self.idle.update(self._gate._read_idle(), now)
-        used = self.used.update(self._gate._read_used(), now)
-        self.samples += 1
-        self.next_sample_at = now + self._interval
-        self._gate.idle_cpus, self._gate.used_cpus = idle, used
+        self._gate._sample(now, self._interval)
+
+
+class _CpuGrant(ReservationGrant):
+    """A CPU gate's grant: the job's start and end are events for the gate's readings."""
+
+    gate: CpuGate
+
+    def request_received(self, environ: Environ) -> None:
+        # Before the reservation goes: from here on the job's use must show in
+        # readings taken after its start, not in the ones taken before.
+        self.gate._job_started(self)
+        super().request_received(environ)
 
 
 class CpuGate(ReservingGate):
     """
     Admits further jobs while ``required`` CPUs look idle (POTHEAD 0.10's contract).
 
-    With at least one grant live, another job starts only when, with the
-    smoothed readings of this wait (``inertia``) and the reservations of
-    granted-not-started jobs added to the use:
-
-    * our own CPU use is below ``cpu_promised`` (``POTHEAD_CPU_PROMISED``:
-      capacity promised to us, e.g. a Kubernetes request that neighbours
-      borrow while we are quiet), or
-    * idle CPUs minus reservations cover ``required * uncertainty**reservations``
-      and our use leaves room for ``required`` under the cgroup quota;
-
-    and fewer than ``max_concurrent`` grants are live (default
+    With at least one grant live and fewer than ``max_concurrent`` (default
     ``ceil(2 * cpus / required)``, cpus being the quota or the CPUs we may
-    run on, whichever is smaller).
+    run on, whichever is smaller), another job starts when
+
+    * the gate *refills* a level the readings already vouched for (below), or
+    * on current readings, with the reservations of granted-not-started jobs
+      added to the use:
+
+      - our own CPU use is below ``cpu_promised`` (``POTHEAD_CPU_PROMISED``:
+        capacity promised to us, e.g. a Kubernetes request that neighbours
+        borrow while we are quiet), or
+      - idle CPUs minus reservations cover
+        ``required * uncertainty**reservations * (1 - tolerance)`` and our
+        use leaves room for ``required`` under the cgroup quota.
+
+    *Tolerance* (default 0.1): /proc/stat counts CPU time in 10 ms ticks and
+    the worker itself uses a little CPU, so a machine with exactly one free
+    CPU reads as 0.95-0.99 idle; without it, ``required=1`` on a machine with
+    one core to spare would never admit the job that uses it.
+
+    *Readings* (:class:`_CpuSeries`) are smoothed with ``inertia`` and kept
+    across waits.  A job starting (``request_received``, before its
+    reservation drops), a job ending (``done``) or a reservation shrinking
+    marks them stale: the next sample re-reads at once as a new baseline and
+    the one after it replaces the smoothed value, so a decision never rests
+    on readings from before the latest change.
+
+    *Level*: the number of concurrent jobs the readings admitted (the most
+    grants live right after an admission on readings).  When jobs end and
+    fewer than ``level`` grants are live, the gate refills at once, without
+    waiting for new readings: with the machine busy with our own jobs the
+    readings cannot show that the job just ended freed its CPUs, but that
+    level has been shown to fit.  Unless our jobs are *starved*: the gate
+    measures its own CPU time (``read_own``) per second of running jobs
+    (``cpu_share``, smoothed); while that is below
+    ``(1 - tolerance) * required`` -- other load arrived, or the jobs wait on
+    I/O -- it does not refill and lowers the level to one below the number
+    of jobs running (at least 1).  Only readings raise it again.
 
     Readers: ``read_idle()`` -> cumulative idle CPU-seconds of the machine,
-    ``read_used()`` -> cumulative CPU-seconds used by our cgroup.  ``None``
-    means the real ones (:class:`SystemResources`).
+    ``read_used()`` -> cumulative CPU-seconds used by our cgroup,
+    ``read_own()`` -> cumulative CPU-seconds used by this worker (its cgroup
+    when the cgroup holds nothing else, else the process and its children).
+    ``None`` means the real ones (:class:`SystemResources`).
     """
 
     environ_key = "RESET_CPU_RESERVATION"
@@ -517,11 +593,13 @@ class CpuGate(ReservingGate):
         *,
         max_concurrent: int | None = None,
         inertia: float = 0.7,
+        tolerance: float = CPU_TOLERANCE,
         reservation_uncertainty: float = 1.3,
         keep_cpu_reservation: bool = False,
         cpu_promised: float | None = None,
         read_idle: Callable[[], float] | None = None,
         read_used: Callable[[], float] | None = None,
+        read_own: Callable[[], float] | None = None,
         cpu_count: float | None = None,
         quota: float | None = None,
         system: SystemResources | None = None,
@@ -535,6 +613,8 @@ class CpuGate(ReservingGate):
             read_idle = machine().idle_cpu_seconds
         if read_used is None:
             read_used = machine().used_cpu_seconds
+        if read_own is None:
+            read_own = machine().own_cpu_seconds
         if cpu_count is None:
             cpu_count = machine().cpu_count()
         if quota is None:
@@ -543,6 +623,8 @@ class CpuGate(ReservingGate):
             cpu_promised = _cpu_promised_from_env()
         if not 0 <= inertia < 1:
             raise ValueError(f"inertia must be in [0, 1), not {inertia!r}")
+        if not 0 <= tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1), not {tolerance!r}")
         capacity = min(quota, cpu_count)
         if max_concurrent is None:
             max_concurrent = _default_max_concurrent(DEFAULT_CPU_OVERCOMMIT * capacity, required, "CPUs")
@@ -557,17 +639,36 @@ class CpuGate(ReservingGate):
             halt_check_interval=halt_check_interval,
         )
         self.inertia = inertia
+        self.tolerance = tolerance
         self.cpu_promised = cpu_promised
         self.cpu_count = cpu_count
         self.quota = quota
         self._read_idle = read_idle
         self._read_used = read_used
-        #: Latest smoothed readings of any wait (for metrics); None before the first.
+        self._read_own = read_own
+        #: Latest smoothed readings (for metrics); None before the first.
         self.idle_cpus: float | None = None
         self.used_cpus: float | None = None
+        #: Concurrent jobs the readings have admitted (refilled at once while not starved).
+        self.level = 0
+        #: Our CPU-seconds per second of running jobs, smoothed; None before the first measurement.
+        self.cpu_share: float | None = None
+        # Sampling (I/O) is serialized by its own lock, never under self._lock;
+        # results are applied and decisions read them under self._lock.
+        self._sample_lock = threading.Lock()
+        self._series = _CpuSeries(inertia)
+        self._events = 0  # jobs started or ended, reservations shrunk: readings before are stale
+        self._vouched = False  # the latest _resource_admits admitted on readings
+        self._running: set[Grant] = set()  # grants whose request has arrived
+        self._job_seconds = 0.0  # integral of len(self._running) over time
+        self._job_seconds_at = clock()
+        self._share_base: tuple[float, float] | None = None  # (own CPU-seconds, job-seconds)
 
     def __repr__(self) -> str:
-        return f"<CpuGate required={self.required:g} granted={len(self._grants)}/{self.max_concurrent}>"
+        return (
+            f"<CpuGate required={self.required:g} granted={len(self._grants)}/{self.max_concurrent} "
+            f"level={self.level}>"
+        )
 
     @property
     def keep_cpu_reservation(self) -> bool:
@@ -578,19 +679,137 @@ class CpuGate(ReservingGate):
         """CPUs reserved for granted-not-started jobs (for metrics)."""
         return self.reserved
 
+    @property
+    def running(self) -> int:
+        """Granted jobs whose request has arrived and that are not done (for metrics)."""
+        with self._lock:
+            return len(self._running)
+
+    # -- events (any thread) ------------------------------------------------------
+
+    def _stale_locked(self) -> None:
+        """Readings taken so far predate a change in CPU use: re-read at once (lock held)."""
+        self._events += 1
+        self._series.next_sample_at = -math.inf
+
+    def _count_job_seconds_locked(self) -> float:
+        now = self._clock()
+        self._job_seconds += len(self._running) * max(0.0, now - self._job_seconds_at)
+        self._job_seconds_at = now
+        return self._job_seconds
+
+    def _job_started(self, grant: Grant) -> None:
+        with self._lock:
+            if grant not in self._grants or grant in self._running:
+                return
+            self._stale_locked()
+            self._count_job_seconds_locked()
+            self._running.add(grant)
+        self._changed()
+
+    def _release(self, grant: Grant) -> None:
+        with self._lock:
+            if grant not in self._grants:
+                return
+            self._stale_locked()
+            if grant in self._running:
+                self._count_job_seconds_locked()
+                self._running.discard(grant)
+            self._grants.discard(grant)
+        self._changed()
+
+    def _reset(self, grant: ReservationGrant, amount: float) -> None:
+        with self._lock:
+            if grant in self._grants and amount < grant.reservation:
+                self._stale_locked()  # the job's use must show in readings from now on
+        super()._reset(grant, amount)
+
+    def _admits(self, readings: Readings) -> bool:
+        self._vouched = False
+        return super()._admits(readings)
+
+    def _grant(self) -> Grant:
+        if self._vouched:
+            self.level = max(self.level, len(self._grants) + 1)
+            self._vouched = False
+        return _CpuGrant(self, self.required)
+
+    # -- readings (the waiting thread) ------------------------------------------------
+
     def _begin(self, now: float, interval: float) -> Readings:
-        return _CpuReadings(self, now, interval)
+        return _CpuReadings(self, interval)
+
+    def _sample(self, now: float, interval: float) -> None:
+        with self._sample_lock:
+            series = self._series
+            if now < series.next_sample_at:
+                return  # another waiter sampled meanwhile
+            events = self._events  # before reading: an event during the reads makes them stale
+            idle, used = float(self._read_idle()), float(self._read_used())
+            own = float(self._read_own())
+            with self._lock:
+                base = series.base
+                if base is None or series.based_on != events:
+                    # Stale (or the first reading): a new baseline, and the next rate replaces.
+                    series.current = False
+                    series.base, series.based_on = (now, idle, used), events
+                elif now > base[0] and idle >= base[1] and used >= base[2]:
+                    elapsed = now - base[0]
+                    idle_rate, used_rate = (idle - base[1]) / elapsed, (used - base[2]) / elapsed
+                    if series.current:
+                        series.idle.update(idle_rate)
+                        series.used.update(used_rate)
+                    else:
+                        series.idle.value, series.used.value = idle_rate, used_rate
+                        series.current = True
+                    series.base = (now, idle, used)
+                    self.idle_cpus, self.used_cpus = series.idle.value, series.used.value
+                else:
+                    series.base = (now, idle, used)  # no time passed, or a counter restarted
+                stale = series.based_on != self._events  # an event came in during the reads
+                series.next_sample_at = now if stale else now + interval
+                self._measure_share_locked(own)
+
+    def _measure_share_locked(self, own: float) -> None:
+        """Our CPU-seconds per job-second since the last measurement; lower the level when starved."""
+        job_seconds = self._count_job_seconds_locked()
+        base = self._share_base
+        if base is None or own < base[0]:
+            self._share_base = (own, job_seconds)
+            return
+        jobs = job_seconds - base[1]
+        if jobs < SHARE_MIN_JOB_SECONDS:
+            return  # too little to judge yet (and counters tick in 10 ms): keep accumulating
+        share = (own - base[0]) / jobs
+        self._share_base = (own, job_seconds)
+        if self.cpu_share is not None:
+            share = SHARE_INERTIA * self.cpu_share + (1 - SHARE_INERTIA) * share
+        self.cpu_share = share
+        if self._starved_locked():
+            self.level = max(1, min(self.level, len(self._running)) - 1)
+
+    def _starved_locked(self) -> bool:
+        return self.cpu_share is not None and self.cpu_share < (1 - self.tolerance) * self.required
+
+    # -- the decision (lock held) --------------------------------------------------------
 
     def _resource_admits(self, readings: Readings, reserved: float, needed: float) -> bool:
         assert isinstance(readings, _CpuReadings)
-        if not readings.samples:
-            return False
-        used = readings.used.value + reserved
+        if len(self._grants) < self.level and not self._starved_locked():
+            return True  # refill a level the readings vouched for
+        series = self._series
+        if not series.current or series.based_on != self._events:
+            return False  # no reading since the latest job started or ended
+        used = series.used.value + reserved
         if used < self.cpu_promised:
+            self._vouched = True
             return True
-        if readings.idle.value - reserved < needed:
+        if series.idle.value - reserved < needed * (1 - self.tolerance):
             return False
-        return used <= self.quota - self.required
+        if used > self.quota - self.required:
+            return False
+        self._vouched = True
+        return True
 
 
 # -- memory ---------------------------------------------------------------------------
@@ -607,11 +826,16 @@ class _MemoryReadings(Readings):
         self._gate = gate
         self._interval = interval
         self.available = 0.0
+        self._next_sample_at = now
         self.sample(now)
+
+    @property
+    def next_sample_at(self) -> float:
+        return self._next_sample_at
 
     def sample(self, now: float) -> None:
         self.available = float(self._gate._read_available())
-        self.next_sample_at = now + self._interval
+        self._next_sample_at = now + self._interval
         self._gate.available_bytes = self.available
 
 
@@ -704,13 +928,16 @@ class _AllReadings(Readings):
 
     def __init__(self, parts: list[Readings]) -> None:
         self.parts = parts
-        self.next_sample_at = min(p.next_sample_at for p in parts)
+
+    @property
+    def next_sample_at(self) -> float:
+        # Asked afresh each time: a member's readings may turn stale (due at once) any time.
+        return min(p.next_sample_at for p in self.parts)
 
     def sample(self, now: float) -> None:
         for part in self.parts:
             if now >= part.next_sample_at:
                 part.sample(now)
-        self.next_sample_at = min(p.next_sample_at for p in self.parts)
 
 
 class CombinedGrant(Grant):
@@ -820,6 +1047,11 @@ class SystemResources:
       when that is a strict subset (idle CPUs we cannot run on are no help).
     * CPU-seconds used by us: our cgroup's accounting; on a machine without
       cgroup CPU accounting, the host's busy time.
+    * CPU-seconds used by this worker (the CPU gate's starvation check): our
+      cgroup's accounting when the cgroup holds only this process and its
+      descendants (a systemd service, a container whose main process is the
+      worker), else this process, its live descendants and its reaped
+      children (psutil).
     * Memory: host ``available`` and the headroom under our cgroup limits.
     """
 
@@ -834,6 +1066,10 @@ class SystemResources:
             and max(self._allowed) < online
         )
         self._cgroup_accounts_cpu = self.cgroup.cpu_usage() is not None
+        self._own_lock = threading.Lock()
+        self._cgroup_is_ours = False
+        self._cgroup_checked_at = -math.inf
+        self._process_tree = _ProcessTreeCpu()
 
     def __repr__(self) -> str:
         return f"<SystemResources cpus={self.cpu_count()} {self.cgroup!r}>"
@@ -862,6 +1098,18 @@ class SystemResources:
         total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
         return float(total - times.idle - getattr(times, "iowait", 0.0))
 
+    def own_cpu_seconds(self) -> float:
+        with self._own_lock:
+            now = time.monotonic()
+            if self._cgroup_accounts_cpu and now - self._cgroup_checked_at >= OWN_CGROUP_RECHECK:
+                self._cgroup_is_ours = _cgroup_holds_only_us(self.cgroup)
+                self._cgroup_checked_at = now
+            if self._cgroup_is_ours:
+                used = self.cgroup.cpu_usage()
+                if used is not None:
+                    return used
+            return self._process_tree()
+
     def available_memory(self) -> float:
         return min(float(psutil.virtual_memory().available), self.cgroup.memory_headroom())
 
@@ -879,6 +1127,70 @@ class _Lazy:
         if self._system is None:
             self._system = SystemResources()
         return self._system
+
+
+class _ProcessTreeCpu:
+    """
+    CPU-seconds of this process, its live descendants and the children it reaped.
+
+    Descendants are listed at most every ``CHILDREN_RELIST`` seconds (listing
+    scans /proc); a descendant that ends moves its time into its parent's
+    reaped-children counters, so the sum stays continuous.
+    """
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self._children: list[psutil.Process] = []
+        self._listed_at = -math.inf
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        if now - self._listed_at >= CHILDREN_RELIST:
+            try:
+                self._children = self._me.children(recursive=True)
+            except psutil.Error:
+                self._children = []
+            self._listed_at = now
+        total = _process_cpu_seconds(self._me) or 0.0
+        for child in self._children:
+            total += _process_cpu_seconds(child) or 0.0
+        return total
+
+
+def _process_cpu_seconds(process: psutil.Process) -> float | None:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    children = getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0)
+    return float(times.user + times.system + children)
+
+
+def _cgroup_holds_only_us(cgroup: CgroupFS) -> bool:
+    """Whether every process in our CPU-accounting cgroup is this process or a descendant of it."""
+    if not cgroup.cpuacct_chain:
+        return False
+    try:
+        pids = [int(word) for word in (cgroup.cpuacct_chain[0] / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return False
+    me = os.getpid()
+    return all(pid == me or _descends_from(pid, me) for pid in pids)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        try:
+            pid = psutil.Process(pid).ppid()
+        except psutil.NoSuchProcess:
+            return True  # gone: it uses no CPU now
+        except psutil.Error:
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
 
 
 def _allowed_cpus() -> list[int] | None:
@@ -926,6 +1238,7 @@ def wait_for_idle_cpus(
     *,
     max_concurrent: int | None = None,
     inertia: float = 0.7,
+    tolerance: float = CPU_TOLERANCE,
     reservation_uncertainty: float = 1.3,
     keep_cpu_reservation: bool = False,
     system: SystemResources | None = None,
@@ -934,24 +1247,32 @@ def wait_for_idle_cpus(
     A ``wait_for_slot`` that starts further jobs while ``required`` CPUs are idle.
 
     Same contract as POTHEAD 0.10's: at least one job always runs; further
-    jobs start while ``required`` CPUs look idle (smoothed with ``inertia``),
-    counting ``required`` CPUs as reserved for each job granted but not yet
-    started (each further reservation multiplies the requirement by
+    jobs start while ``required`` CPUs look idle (smoothed with ``inertia``;
+    ``(1 - tolerance) * required`` counts as enough, since /proc/stat's 10 ms
+    ticks make one free core read as a little less than 1), counting
+    ``required`` CPUs as reserved for each job granted but not yet started
+    (each further reservation multiplies the requirement by
     ``reservation_uncertainty``); never more than ``max_concurrent`` (default
     ``ceil(2 * cpus / required)``); within the cgroup CPU quota; always while
     our own use is below ``POTHEAD_CPU_PROMISED`` CPUs.
+
+    Unlike 0.10's, the readings are kept across waits (made stale by every
+    job start and end), and a concurrency the readings once admitted is
+    refilled at once when a job ends -- while our jobs each still get
+    ``(1 - tolerance) * required`` CPUs (see :class:`CpuGate`).
 
     The job's WSGI environ gets ``RESET_CPU_RESERVATION(n)``.  The reservation
     drops to 0 when the request arrives, unless ``keep_cpu_reservation``: for
     jobs that take a while to reach full CPU use, which then call
     ``environ["RESET_CPU_RESERVATION"](0)`` (or a smaller amount) themselves.
-    The returned :class:`CpuGate` is callable and exposes ``granted`` and
-    ``reserved_cpus`` for metrics.
+    The returned :class:`CpuGate` is callable and exposes ``granted``,
+    ``running``, ``reserved_cpus``, ``level`` and ``cpu_share`` for metrics.
     """
     return CpuGate(
         required,
         max_concurrent=max_concurrent,
         inertia=inertia,
+        tolerance=tolerance,
         reservation_uncertainty=reservation_uncertainty,
         keep_cpu_reservation=keep_cpu_reservation,
         system=system,
@@ -982,6 +1303,7 @@ def wait_for_resources(
     *,
     max_concurrent: int | None = None,
     inertia: float = 0.7,
+    tolerance: float = CPU_TOLERANCE,
     reservation_uncertainty: float = 1.3,
     keep_cpu_reservation: bool = False,
     keep_memory_reservation: bool = False,
@@ -1005,6 +1327,7 @@ def wait_for_resources(
             CpuGate(
                 cpus,
                 inertia=inertia,
+                tolerance=tolerance,
                 reservation_uncertainty=reservation_uncertainty,
                 keep_cpu_reservation=keep_cpu_reservation,
                 max_concurrent=max_concurrent,

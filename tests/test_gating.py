@@ -60,19 +60,24 @@ class FakeMachine:
     """
     A clock and cumulative CPU/memory counters that move only when the gate sleeps.
 
-    ``idle`` and ``used`` are rates in CPUs; ``available`` is bytes.  ``at(t, f)``
-    runs ``f`` once the clock passes ``start + t`` (from inside the gate's sleep,
-    as another thread would).  Sleeping more than ``limit`` fake seconds fails
-    the test instead of looping forever.
+    ``idle``, ``used`` and ``own`` (the CPU this worker's jobs get) are rates
+    in CPUs; ``available`` is bytes.  ``at(t, f)`` runs ``f`` once the clock
+    passes ``start + t`` (from inside the gate's sleep, as another thread
+    would).  Sleeping more than ``limit`` fake seconds fails the test instead
+    of looping forever.
     """
 
-    def __init__(self, idle: float = 0.0, used: float = 0.0, available: float = 0.0, limit: float = 600.0) -> None:
+    def __init__(
+        self, idle: float = 0.0, used: float = 0.0, available: float = 0.0, own: float = 0.0, limit: float = 600.0
+    ) -> None:
         self.start = self.now = 1000.0
         self.idle = idle
         self.used = used
+        self.own = own
         self.available = available
         self.idle_total = 0.0
         self.used_total = 0.0
+        self.own_total = 0.0
         self.idle_reads: list[float] = []
         self.sleeps: list[float] = []
         self.limit = limit
@@ -94,6 +99,7 @@ class FakeMachine:
     def advance(self, seconds: float) -> None:
         self.idle_total += self.idle * seconds
         self.used_total += self.used * seconds
+        self.own_total += self.own * seconds
         self.now += seconds
         due = [e for e in self._events if e[0] <= self.elapsed]
         self._events = [e for e in self._events if e[0] > self.elapsed]
@@ -120,6 +126,9 @@ class FakeMachine:
     def read_used(self) -> float:
         return self.used_total
 
+    def read_own(self) -> float:
+        return self.own_total
+
     def read_available(self) -> float:
         return self.available
 
@@ -132,6 +141,7 @@ def cpu_gate(machine: FakeMachine, required: float = 1.0, **options: Any) -> Cpu
         required,
         read_idle=machine.read_idle,
         read_used=machine.read_used,
+        read_own=machine.read_own,
         clock=machine.clock,
         sleep=machine.sleep,
         **options,
@@ -206,16 +216,42 @@ def test_without_inertia_one_idle_reading_is_enough() -> None:
     assert len(machine.idle_reads) - reads == 2  # the baseline, then one sample
 
 
-def test_readings_start_afresh_for_every_wait() -> None:
+def test_readings_are_kept_across_waits_until_a_job_starts() -> None:
     machine = FakeMachine(idle=8.0)
-    gate = cpu_gate(machine, 4, inertia=0.7)
+    gate = cpu_gate(machine, 2, inertia=0.7)
     started(gate(never))
-    started(gate(never))
-    reads = len(machine.idle_reads)
-    # Idle all along, but the new wait starts from "nothing idle" again: the
-    # jobs just granted are not in the old readings yet.
+    second = gate(never)
+    assert len(machine.idle_reads) == 2  # a baseline, then one sample
+    reads, slept = len(machine.idle_reads), len(machine.sleeps)
+    # No job started or ended since: the readings still hold, and the second
+    # job's reservation covers it (8 - 2 >= 0.9 * 2 * 1.3).
     assert not gate(never).halted
-    assert len(machine.idle_reads) - reads == 3  # baseline + two samples
+    assert (len(machine.idle_reads), len(machine.sleeps)) == (reads, slept)
+    # A job start makes them stale: re-read at once (a new baseline, no sleep
+    # first), then one fresh sample an interval later.
+    began = machine.elapsed
+    started(second)
+    assert not gate(never).halted
+    assert machine.idle_reads[reads:] == [began, pytest.approx(began + gate.poll_interval())]
+
+
+def test_a_fresh_reading_after_a_job_ends_replaces_the_smoothed_value() -> None:
+    machine = FakeMachine(idle=8.0, own=0.0)  # our jobs get no CPU: starved, so no refill below
+    gate = cpu_gate(machine, 4, inertia=0.7)
+    first = gate(never)
+    started(first)
+    started(gate(never))  # 8 idle: admitted on readings
+    machine.idle = 0.0
+    assert gate(machine.halt_after(5)).halted
+    assert gate.idle_cpus == pytest.approx(0.0) and gate.level == 1
+    # The job ends and 8 CPUs go idle at the same moment.
+    machine.idle = 8.0
+    first.done()
+    reads, began = len(machine.idle_reads), machine.elapsed
+    assert not gate(never).halted
+    # A new baseline at once, then one sample, which replaces the smoothed
+    # value: blending would give 0.3 * 8 = 2.4 < 0.9 * 4 and need a 2nd sample.
+    assert machine.idle_reads[reads:] == [began, pytest.approx(began + gate.poll_interval())]
 
 
 def test_reservation_of_a_granted_job_counts_until_its_request_arrives() -> None:
@@ -236,22 +272,118 @@ def test_reservation_of_a_granted_job_counts_until_its_request_arrives() -> None
 
 @pytest.mark.parametrize(("uncertainty", "admitted"), [(1.0, True), (1.5, False)])
 def test_each_reservation_multiplies_the_requirement(uncertainty: float, admitted: bool) -> None:
-    machine = FakeMachine(idle=2.4)
+    machine = FakeMachine(idle=2.3)
     gate = cpu_gate(machine, 1, inertia=0.0, reservation_uncertainty=uncertainty)
-    gate(never)  # reserves 1: the next job needs 1 * uncertainty of 2.4 - 1 = 1.4 idle
+    gate(never)  # reserves 1: the next job needs 0.9 * 1 * uncertainty of 2.3 - 1 = 1.3 idle
     assert (not gate(machine.halt_after(5)).halted) is admitted
 
 
 def test_two_reservations_raise_the_requirement_by_the_square() -> None:
-    machine = FakeMachine(idle=4.2)
+    machine = FakeMachine(idle=4.0)
     gate = cpu_gate(machine, 1, inertia=0.0, reservation_uncertainty=1.5)
     gate(never)
-    assert not gate(never).halted  # 4.2 - 1 >= 1.5
-    # 4.2 - 2 reserved = 2.2 < 1 * 1.5**2 = 2.25
+    assert not gate(never).halted  # 4 - 1 >= 0.9 * 1.5
+    # 4 - 2 reserved = 2 < 0.9 * 1 * 1.5**2 = 2.025
     assert gate(machine.halt_after(5)).halted
-    machine.idle = 4.3  # 2.3 >= 2.25
+    machine.idle = 4.1  # 2.1 >= 2.025
     assert not gate(machine.halt_after(10)).halted
     assert gate.reservations == 3
+
+
+@pytest.mark.parametrize(("tolerance", "admitted"), [(None, True), (0.0, False)])
+def test_tolerance_admits_a_second_job_on_a_core_that_reads_just_under_one_idle(
+    tolerance: float | None, admitted: bool
+) -> None:
+    # 2 cores, one 1-CPU job running: /proc/stat's ticks and the worker's own
+    # overhead make the free core read as 0.99 idle, never 1.0.
+    machine = FakeMachine(idle=0.99, own=1.0)
+    options = {} if tolerance is None else {"tolerance": tolerance}
+    gate = cpu_gate(machine, 1, inertia=0.7, cpu_count=2, **options)
+    started(gate(never))
+    assert (not gate(machine.halt_after(30)).halted) is admitted
+    assert gate.granted == (2 if admitted else 1)
+    assert gate.level == (2 if admitted else 0)
+
+
+def two_jobs_on_two_cores(own_per_job: float, **options: Any) -> tuple[FakeMachine, CpuGate, list[Grant]]:
+    """A gate(1) on 2 cores whose readings admitted a 2nd job; then both run and nothing is idle.
+
+    Each running job gets ``own_per_job`` CPUs (the worker's own CPU time).
+    A third wait runs for 5 s (refused: nothing idle) so that the gate
+    measures that share.
+    """
+    machine = FakeMachine(idle=1.0, own=own_per_job)
+    gate = cpu_gate(machine, 1, inertia=0.7, cpu_count=2, **options)
+    jobs = [gate(never)]
+    started(jobs[0])
+    jobs.append(gate(never))  # one core idle: admitted on readings
+    started(jobs[1])
+    machine.idle, machine.own = 0.0, 2 * own_per_job
+    assert gate(machine.halt_after(machine.elapsed + 5)).halted
+    return machine, gate, jobs
+
+
+def test_a_level_the_readings_admitted_is_refilled_at_once_when_a_job_ends() -> None:
+    machine, gate, (first, _) = two_jobs_on_two_cores(own_per_job=1.0)
+    assert gate.level == 2
+    assert gate.cpu_share == pytest.approx(1.0)
+    assert gate.idle_cpus == pytest.approx(0.0)  # the readings alone would refuse
+    ended: list[float] = []
+
+    def end_first() -> None:
+        ended.append(machine.elapsed)
+        first.done()
+
+    machine.at(machine.elapsed + 1.0, end_first)
+    grant = gate(machine.halt_after(machine.elapsed + 5))
+    assert not grant.halted
+    assert machine.elapsed == ended[0]  # at once: no reading, no sleep after the end
+    assert [t for t in machine.idle_reads if t >= ended[0]] == []
+    assert gate.granted == 2
+    # ... but not beyond the level.
+    started(grant)
+    assert gate(machine.halt_after(machine.elapsed + 5)).halted
+
+
+def test_starved_jobs_lower_the_level_and_stop_the_refill() -> None:
+    # Other load came: our two jobs get 0.6 CPU each, less than 0.9 * 1 required.
+    machine, gate, (first, second) = two_jobs_on_two_cores(own_per_job=0.6)
+    assert gate.cpu_share == pytest.approx(0.6)
+    assert gate.level == 1  # one below the 2 running
+    first.done()
+    assert gate(machine.halt_after(machine.elapsed + 5)).halted  # no refill, nothing idle
+    assert gate.granted == 1
+    # At least one job always runs, starved or not.
+    second.done()
+    reads = len(machine.idle_reads)
+    assert not gate(never).halted
+    assert len(machine.idle_reads) == reads
+    assert gate.level == 1
+
+
+def test_the_refill_respects_max_concurrent() -> None:
+    machine, gate, (first, _) = two_jobs_on_two_cores(own_per_job=1.0)
+    assert gate.level == 2
+    gate.max_concurrent = 1  # a cap below the level the readings admitted
+    first.done()
+    assert gate(machine.halt_after(machine.elapsed + 5)).halted  # no refill beyond the cap
+    assert gate.granted == 1
+
+
+def test_a_reservation_given_back_makes_the_readings_stale() -> None:
+    machine = FakeMachine(idle=12.0)
+    gate = cpu_gate(machine, 2, inertia=0.0, keep_cpu_reservation=True)
+    started(gate(never))
+    environ = started(gate(never))  # each started job keeps its 2 CPUs reserved
+    assert not gate(never).halted  # 12 - 4 >= 0.9 * 2 * 1.3**2
+    reads = len(machine.idle_reads)
+    assert not gate(never).halted  # 12 - 6 >= 0.9 * 2 * 1.3**3, on the same readings
+    assert len(machine.idle_reads) == reads
+    # The second job says it now uses its CPUs: readings from before do not show that.
+    environ["RESET_CPU_RESERVATION"](0)
+    began = machine.elapsed
+    assert not gate(never).halted
+    assert machine.idle_reads[reads:] == [began, pytest.approx(began + gate.poll_interval())]
 
 
 def test_max_concurrent_caps_grants_and_done_frees_a_place() -> None:
@@ -593,6 +725,7 @@ def test_the_real_machine_can_be_read() -> None:
     assert system.cpu_quota() > 0
     assert system.idle_cpu_seconds() >= 0 and system.used_cpu_seconds() >= 0
     assert 0 < system.available_memory() <= system.total_memory()
+    assert 0 < system.own_cpu_seconds() <= system.own_cpu_seconds()
     gate = wait_for_idle_cpus(1, max_concurrent=4)
     assert not gate(never).halted
 
@@ -947,6 +1080,19 @@ def test_gates_read_a_cgroup_tree(tmp_path: Path) -> None:
     assert system.available_memory() <= 3 * GiB
     gate = wait_for_idle_cpus(1, system=system)
     assert gate.quota == 2.0 and gate.max_concurrent == math.ceil(2 * min(2.0, os.cpu_count() or 1))
+
+
+def test_own_cpu_comes_from_the_cgroup_only_when_it_holds_only_us(tmp_path: Path) -> None:
+    usage = "usage_usec 123456000000\n"  # 123456 s: far more than this test process has used
+    ours, shared = tmp_path / "ours", tmp_path / "shared"
+    write_tree(ours, {"cgroup.controllers": "", "cpu.stat": usage, "cgroup.procs": f"{os.getpid()}\n"})
+    procs = f"{os.getpid()}\n{os.getppid()}\n"
+    write_tree(shared, {"cgroup.controllers": "", "cpu.stat": usage, "cgroup.procs": procs})
+    assert SystemResources(CgroupFS(ours, None)).own_cpu_seconds() == 123456.0
+    # our parent (not our descendant) is in there too: this process and its children instead.
+    own = SystemResources(CgroupFS(shared, None)).own_cpu_seconds()
+    assert 0 < own < 123456.0
+    assert own >= time.process_time() - 0.1  # psutil counts in 10 ms ticks
 
 
 def test_gate_is_a_gate() -> None:
