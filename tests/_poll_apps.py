@@ -80,3 +80,11 @@ def blocked_app(environ, start_response):
 
 
 blocked_app.wait_for_slot = _NeverGate()  # type: ignore[attr-defined]
+
+
+def original_app(environ, start_response):
+    """An app as written for the original POTHEAD: its gate line, unchanged."""
+    return _cpu_job(environ, start_response)
+
+
+original_app.wait_for_slot = wait_for_idle_cpus(3)  # type: ignore[attr-defined]

@@ -123,6 +123,25 @@ def test_unsatisfiable_memory_gate_runs_jobs_one_at_a_time(tmp_path: Path) -> No
         stack.stop()
 
 
+def test_original_apps_gate_line_runs_unchanged(tmp_path: Path) -> None:
+    # `app.wait_for_slot = wait_for_idle_cpus(3)`, as in apps for the original
+    # POTHEAD: every job is answered; on a machine without 3 idle CPUs beside a
+    # running job the gate runs them one at a time, never more than its cap.
+    stack = Stack("_poll_apps:original_app", tmp_path)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: stack.get(f"/job/{i}"), range(4)))
+        assert all(status == 200 for status, _ in results), results
+        intervals = sorted((json.loads(body)["start"], json.loads(body)["end"]) for _, body in results)
+        cpus = os.cpu_count() or 1
+        if cpus < 4:
+            assert _max_overlap(intervals) == 1
+        else:
+            assert _max_overlap(intervals) <= -(-2 * cpus // 3)
+    finally:
+        stack.stop()
+
+
 def test_sigterm_unblocks_wait_for_slot(tmp_path: Path) -> None:
     stack = Stack("_poll_apps:blocked_app", tmp_path)
     try:
