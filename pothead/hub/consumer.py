@@ -305,7 +305,7 @@ class ProxyJob:
             return
         stall = self.hub.config.worker_stall_timeout
         if stall is not None:
-            producer = _StallWatch(producer, self.hub.clock, stall, self._worker_stalled)
+            producer = _StallWatch(producer, self.hub, stall, self._worker_stalled)
         self._producer = producer
         self.request.registerProducer(producer, True)
 
@@ -479,39 +479,42 @@ class ProxyJob:
 @implementer(IPushProducer)
 class _StallWatch:
     """
-    The worker connection's push producer, plus a timer: a response body
-    that makes no progress for ``timeout`` seconds *while the consumer is
-    ready for more* is a stalled worker.  Paused time (a slow consumer, our
-    own backpressure) never counts.
+    The worker connection's push producer, watched for stalls: a response
+    body that makes no progress for ``timeout`` seconds *while the consumer
+    is ready for more* is a stalled worker.  Paused time (a slow consumer,
+    our own backpressure) never counts.  The hub checks every watch from one
+    timer (:meth:`Hub.watch_stalls`): no timer per response.
     """
 
-    def __init__(self, producer: IPushProducer, clock: Any, timeout: float, on_stall: Any) -> None:
-        self._producer = producer
-        self._clock = clock
-        self._timeout = timeout
-        self._on_stall = on_stall
-        self._timer: Any = clock.callLater(timeout, self._fire)
+    __slots__ = ("_producer", "_hub", "timeout", "_on_stall", "last", "paused")
 
-    def _fire(self) -> None:
-        self._timer = None
+    def __init__(self, producer: IPushProducer, hub: Hub, timeout: float, on_stall: Any) -> None:
+        self._producer = producer
+        self._hub = hub
+        self.timeout = timeout
+        self._on_stall = on_stall
+        self.last = hub.clock.seconds()
+        self.paused = False
+        hub.watch_stalls(self)
+
+    def stalled(self) -> None:
+        """Called by the hub's check: no progress for ``timeout`` seconds."""
         self._on_stall()
 
     def progress(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timeout)
+        self.last = self._hub.clock.seconds()
 
     def cancel(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._hub.unwatch_stalls(self)
 
     def pauseProducing(self) -> None:
-        self.cancel()
+        self.paused = True
         self._producer.pauseProducing()
 
     def resumeProducing(self) -> None:
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._timeout, self._fire)
+        if self.paused:
+            self.paused = False
+            self.last = self._hub.clock.seconds()
         self._producer.resumeProducing()
 
     def stopProducing(self) -> None:

@@ -8,7 +8,7 @@ sockets itself; :mod:`pothead.hub.service` wires it to listeners.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -47,6 +47,10 @@ class Hub:
         self._idle_waiters: list[Deferred[None]] = []
         #: Hooks for metrics (pothead.metrics) -- called with event names.
         self.observers: list[Callable[[str, dict[str, object]], None]] = []
+        # Response bodies watched for a stalled worker (--worker-stall-timeout),
+        # all checked by one timer that runs only while there are any.
+        self._stall_watches: set[Any] = set()
+        self._stall_timer: Any = None
 
     def emit(self, event: str, **fields: object) -> None:
         self.totals[event] += 1
@@ -68,6 +72,41 @@ class Hub:
             peer=connection.peer,
             jobs=connection.jobs_done,
         )
+
+    # -- stalled workers (--worker-stall-timeout) ---------------------------
+
+    def watch_stalls(self, watch: Any) -> None:
+        """Check ``watch`` (``last``, ``paused``, ``timeout``, ``stalled()``) until unwatched."""
+        self._stall_watches.add(watch)
+        if self._stall_timer is None:
+            self._stall_timer = self.clock.callLater(self._stall_interval(watch.timeout), self._check_stalls)
+
+    def unwatch_stalls(self, watch: Any) -> None:
+        self._stall_watches.discard(watch)
+
+    def stop_watching_stalls(self) -> None:
+        """The hub is stopping: no more checks."""
+        self._stall_watches.clear()
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
+
+    @staticmethod
+    def _stall_interval(timeout: float) -> float:
+        # A stall is noticed between timeout and timeout + interval.
+        return max(0.01, min(1.0, timeout / 4))
+
+    def _check_stalls(self) -> None:
+        self._stall_timer = None
+        if not self._stall_watches:
+            return
+        now = self.clock.seconds()
+        for watch in [w for w in self._stall_watches if not w.paused and now - w.last >= w.timeout]:
+            self._stall_watches.discard(watch)
+            watch.stalled()
+        if self._stall_watches:
+            interval = min(self._stall_interval(w.timeout) for w in self._stall_watches)
+            self._stall_timer = self.clock.callLater(interval, self._check_stalls)
 
     # -- jobs ---------------------------------------------------------------
 

@@ -130,5 +130,6 @@ class HubService(LogFormatMixin, MultiService):
             connection.close()
         for connection in list(hub.connections):
             connection.abort()
+        hub.stop_watching_stalls()
         yield MultiService.stopService(self)
         self._log.info("hub stopped")
