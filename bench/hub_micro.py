@@ -26,7 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from pothead.config import HubConfig
-from pothead.hub.consumer import ConsumerSite
+from pothead.hub.front import ConsumerSite
 from pothead.hub.dispatch import Hub
 from pothead.hub.workers import WorkerFactory
 

@@ -1,5 +1,5 @@
 """
-The consumer port: twisted.web in front of the queue.
+Consumer requests on their way through the queue to a worker and back.
 
 A consumer request becomes a :class:`ProxyJob`, an explicit state machine::
 
@@ -9,31 +9,29 @@ A consumer request becomes a :class:`ProxyJob`, an explicit state machine::
       │     (queue head)   │  worker's 503 + requeue)   │
       └────────────────────┴──────── errors ────────────┴──▶ FAILED
 
-The body was spooled by twisted.web before the job exists (memory up to
-100 kB, a temporary file beyond), so a slow uploader never holds a worker.
+The request was read and its body spooled by :mod:`pothead.hub.front`
+before the job exists (memory up to 100 kB, a temporary file beyond), so a
+slow uploader never holds a worker.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 from typing import IO, Any
 
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import RESPONSES
 from twisted.web.iweb import IBodyProducer
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from ..headers import asks_requeue, choose_request_id, end_to_end, forwarded_request_headers, origin_form
 from ._http11 import NotDelivered, WorkerFailed, WorkerResponse
 from .dispatch import Hub
+from .front import ConsumerRequest
 from .queue import QueueFull
 from .workers import WorkerConnection
 
@@ -133,12 +131,11 @@ class ProxyJob:
     def __init__(self, hub: Hub, request: ConsumerRequest) -> None:
         self.hub = hub
         self.request = request
-        headers = request.requestHeaders
-        raw = headers.getRawHeaders(b"x-request-id")
-        self.request_id = choose_request_id([(b"x-request-id", raw[0])] if raw else [])
+        raw = request.header(b"x-request-id")
+        self.request_id = choose_request_id([(b"x-request-id", raw)] if raw is not None else [])
         # Built when first dispatched: a queued job holds no copy of its headers.
         self._forward_headers: list[tuple[bytes, bytes]] | None = None
-        self.has_body = headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+        self.has_body = request.content is not None
         self.state = JobState.QUEUED
         self.arrived = hub.clock.seconds()
         self.deadline = None if hub.config.queue_timeout is None else self.arrived + hub.config.queue_timeout
@@ -157,13 +154,11 @@ class ProxyJob:
         """The request headers as the worker gets them (see :func:`forwarded_request_headers`)."""
         if self._forward_headers is None:
             request = self.request
-            raw = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
-            client = request.getClientAddress()
             self._forward_headers = forwarded_request_headers(
-                raw,
-                client_address=getattr(client, "host", None),
-                scheme="https" if request.isSecure() else "http",
-                host=request.getHeader(b"host"),
+                request.headers,
+                client_address=request.client_host(),
+                scheme="https" if request.is_secure() else "http",
+                host=request.header(b"host"),
                 request_id=self.request_id,
                 trust_forwarded=self.hub.config.trust_forwarded,
             )
@@ -174,13 +169,13 @@ class ProxyJob:
     def reject(self, code: int, message: str, *, reason: str) -> None:
         """Answer the consumer at once without queueing (a malformed request)."""
         self.hub.job_started(self)
-        self.request.setHeader(b"x-request-id", self.request_id.encode("ascii"))
+        self.request.set_response_header(b"X-Request-Id", self.request_id.encode("ascii"))
         self._fail(code, message, reason=reason)
 
     def start(self) -> None:
         self.hub.job_started(self)
-        self.request.setHeader(b"x-request-id", self.request_id.encode("ascii"))
-        self.request.notifyFinish().addErrback(self._consumer_lost)
+        self.request.set_response_header(b"X-Request-Id", self.request_id.encode("ascii"))
+        self.request.on_lost = self._consumer_lost
         if self.hub.draining:
             self._fail(503, "the hub is shutting down; retry shortly", reason="draining", retry_after=True, close=True)
             return
@@ -225,6 +220,7 @@ class ProxyJob:
         body = None
         if self.has_body:
             content = self.request.content
+            assert content is not None
             content.seek(0, 2)
             body = SpooledBody(content, content.tell())
         sent = connection.dispatch(self.request.method, self.request.uri, self.forward_headers, body)
@@ -285,17 +281,14 @@ class ProxyJob:
         self.state = JobState.STREAMING
         self.status = response.code
         request = self.request
-        request.setResponseCode(response.code, response.phrase)
-        headers = request.responseHeaders
-        headers.removeHeader(b"server")
-        for name, value in end_to_end(response.headers):
-            if name.lower() in (b"date", b"server", b"x-request-id") and headers.hasHeader(name):
-                headers.removeHeader(name)
-            headers.addRawHeader(name, value)
-        if not headers.hasHeader(b"x-request-id"):
-            headers.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
+        request.set_response_code(response.code, response.phrase)
+        # The worker's headers, its X-Request-Id in place of ours if it sent one.
+        headers = end_to_end(response.headers)
+        if any(name.lower() == b"x-request-id" for name, _ in headers):
+            request.remove_response_header(b"x-request-id")
+        request.response_headers.extend(headers)
         if response.length is not None:
-            headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+            request.set_response_header(b"Content-Length", b"%d" % response.length)
         response.deliver(self)
 
     # -- BodySink: the worker's response body -------------------------------
@@ -307,7 +300,7 @@ class ProxyJob:
         if stall is not None:
             producer = _StallWatch(producer, self.hub, stall, self._worker_stalled)
         self._producer = producer
-        self.request.registerProducer(producer, True)
+        self.request.register_producer(producer)
 
     def body_data(self, data: bytes) -> None:
         if self.consumer_gone:
@@ -352,7 +345,7 @@ class ProxyJob:
             bytes=self.bytes_sent,
             why=reason.getErrorMessage(),
         )
-        self.request.transport.abortConnection()
+        self.request.abort()
         self._ended("truncated")
         if self.connection is not None:
             self.connection.abort()
@@ -369,7 +362,7 @@ class ProxyJob:
             # invite a retry with a 503.
             self._unregister()
             self.state = JobState.FAILED
-            self.request.transport.abortConnection()
+            self.request.abort()
             self._ended("drain_timeout")
         if connection is not None:
             connection.abort()
@@ -379,7 +372,7 @@ class ProxyJob:
             if isinstance(self._producer, _StallWatch):
                 self._producer.cancel()
             self._producer = None
-            self.request.unregisterProducer()
+            self.request.unregister_producer()
 
     # -- endings ------------------------------------------------------------
 
@@ -419,19 +412,15 @@ class ProxyJob:
         self.state = JobState.FAILED
         self.status = code
         request = self.request
-        if not self.consumer_gone and not request.startedWriting:
-            request.setResponseCode(code)
-            request.responseHeaders.removeHeader(b"server")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if not self.consumer_gone and not request.started_writing:
+            request.set_response_code(code)
+            request.set_response_header(b"Content-Type", b"text/plain; charset=utf-8")
             if retry_after:
-                request.setHeader(b"retry-after", str(self.hub.config.retry_after).encode("ascii"))
+                request.set_response_header(b"Retry-After", str(self.hub.config.retry_after).encode("ascii"))
             if close:
-                # twisted.web decides persistence from the request; say it to the channel too.
-                request.setHeader(b"connection", b"close")
-                if getattr(request, "channel", None) is not None:
-                    request.channel.persistent = False
-            body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {message} (request id {self.request_id})\n".encode()
-            request.setHeader(b"content-length", b"%d" % len(body))
+                request.close_after()
+            body = f"{code} {RESPONSES.get(code, b'').decode()}: {message} (request id {self.request_id})\n".encode()
+            request.set_response_header(b"Content-Length", b"%d" % len(body))
             request.write(body)
             request.finish()
         self.hub.emit("rejected", reason=reason)
@@ -538,330 +527,38 @@ class _Discard:
         pass
 
 
-class ConsumerResource(Resource):
-    """Every path: forward through the queue."""
-
-    isLeaf = True
-
-    def __init__(self, hub: Hub) -> None:
-        super().__init__()
-        self._hub = hub
-
-    def render(self, request: ConsumerRequest) -> Any:  # type: ignore[override]
-        problem = normalize_target(request)
-        job = ProxyJob(self._hub, request)
-        if problem is not None:
-            job.reject(400, problem, reason="bad_request")
-        else:
-            job.start()
-        return NOT_DONE_YET
+def handle_request(request: ConsumerRequest) -> None:
+    """A complete consumer request: into the queue, or refused at once."""
+    hub = request.channel.site.hub
+    problem = normalize_target(request)
+    job = ProxyJob(hub, request)
+    if problem is not None:
+        job.reject(400, problem, reason="bad_request")
+    else:
+        job.start()
 
 
-def normalize_target(request: Request) -> str | None:
+def normalize_target(request: ConsumerRequest) -> str | None:
     """
     Make the request fit for the worker hop (RFC 9112 3.2): exactly one Host,
     origin-form target.  Returns a 400 message, or None when all is well.
     """
     authority, target = origin_form(request.uri)
-    hosts = request.requestHeaders.getRawHeaders(b"host", [])
+    hosts = request.header_count(b"host")
     if authority is not None:
         # 3.2.3: the authority of an absolute-form target replaces Host.
         request.uri = target
-        request.requestHeaders.setRawHeaders(b"host", [authority])
-    elif len(hosts) > 1:
+        request.set_request_header(b"host", authority)
+    elif hosts > 1:
         return "more than one Host header"
     elif not hosts:
         if request.clientproto != b"HTTP/1.0":
             return "a Host header is required"
         # HTTP/1.0 without Host (health checkers): name the hub's own address.
-        here = request.getHost()
+        here = request.local_address()
         host = getattr(here, "host", "localhost")
         port = getattr(here, "port", None)
-        request.requestHeaders.setRawHeaders(
-            b"host", [(f"{host}:{port}" if port is not None else str(host)).encode("ascii", "replace")]
+        request.set_request_header(
+            b"host", (f"{host}:{port}" if port is not None else str(host)).encode("ascii", "replace")
         )
     return None
-
-
-class ConsumerRequest(Request):
-    """A consumer request whose body is limited to the site's ``max_body``."""
-
-    _rejected = False
-    #: The worker's response headers pass unchanged: no twisted.web text/html default.
-    defaultContentType = None
-    #: Never parse form bodies into request.args: the hub only forwards the
-    #: body, and twisted.web would read a multipart upload wholly into memory.
-    _parsePOSTFormSubmission = False
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._rejected:
-            return
-        limit = self.channel.site.max_body
-        if self.content.tell() + len(data) > limit:
-            self._rejected = True
-            self.channel.refuse(413, f"request body larger than {limit} bytes")
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._rejected:
-            return
-        super().requestReceived(command, path, version)
-
-
-#: RFC 9110 5.6.2 token characters: the only ones allowed in a header name.
-_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-#: Control characters other than HTAB (RFC 9110 5.5): never valid in a header value.
-_CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
-
-
-class ConsumerChannel(http.HTTPChannel):
-    """
-    HTTPChannel answering oversized input with 413/414/431 instead of a bare
-    400, and stricter than twisted.web where a lenient parse could let a
-    request be read differently by a proxy in front (request smuggling):
-
-    * lines must end in CRLF (a bare LF is 400), obs-fold is 400;
-    * header names must be tokens, values free of control characters;
-    * ``Transfer-Encoding`` must be exactly one ``chunked`` on HTTP/1.1
-      (other codings 501, repeats or HTTP/1.0 400); twisted.web already
-      refuses Content-Length with Transfer-Encoding, repeated or non-digit
-      Content-Length;
-    * a chunk larger than ``--max-body`` is 413 as soon as its size line is read;
-    * the request head must arrive within ``--header-timeout`` of its first
-      byte (408).  An idle connection with no request started is left to
-      ``--consumer-timeout``.
-    """
-
-    site: ConsumerSite
-    _refused = False
-    _log = Logger()
-    # Split on LF and insist on the CR ourselves: twisted.web waits forever
-    # for a CRLF that a bare-LF client never sends.
-    delimiter = b"\n"
-    _header_timer: Any = None
-    _awaiting_head = True
-    _transfer_encodings = 0
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.site.channels.add(self)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.site.channels.discard(self)
-        self._cancel_header_timer()
-        super().connectionLost(reason)
-
-    # -- header timeout ------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if (
-            data
-            and self._awaiting_head
-            and self._header_timer is None
-            and not self._handlingRequest
-            and not self._refused
-            and self.site.header_timeout is not None
-        ):
-            self._header_timer = self.callLater(self.site.header_timeout, self._header_timeout)
-        super().dataReceived(data)
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self._awaiting_head and not self._refused:
-            self.refuse(408, f"request head not received within {self.site.header_timeout:g}s")
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def requestDone(self, request: Request) -> None:
-        self._awaiting_head = True
-        self._transfer_encodings = 0
-        self._cancel_header_timer()
-        super().requestDone(request)
-
-    # -- strict parsing --------------------------------------------------------
-
-    def headerReceived(self, line: bytes) -> bool:
-        if self._refused:
-            return False
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            self.refuse(400, "invalid header name")
-            return False
-        value = value.strip(b" \t")
-        if value != value.translate(None, _CTL):
-            self.refuse(400, "control character in a header value")
-            return False
-        if name.lower() == b"transfer-encoding":
-            self._transfer_encodings += 1
-            codings = [c.strip().lower() for c in value.split(b",")]
-            if any(c != b"chunked" for c in codings):
-                self.refuse(501, "only Transfer-Encoding: chunked is supported")
-                return False
-            if self._transfer_encodings > 1 or len(codings) > 1:
-                self.refuse(400, "Transfer-Encoding: chunked given more than once")
-                return False
-            if getattr(self, "_version", None) != b"HTTP/1.1":
-                self.refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
-                return False
-        return bool(super().headerReceived(line))
-
-    def rawDataReceived(self, data: bytes) -> None:
-        super().rawDataReceived(data)
-        decoder = self._transferDecoder
-        if (
-            not self._refused
-            and isinstance(decoder, http._ChunkedTransferDecoder)
-            and decoder.state == "BODY"
-            and decoder.length > self.site.max_body
-        ):
-            self.refuse(413, f"request body larger than {self.site.max_body} bytes")
-
-    def refuse(self, code: int, message: str) -> None:
-        if self._refused:
-            return
-        self._refused = True
-        self._cancel_header_timer()
-        reason = {
-            408: "header_timeout",
-            413: "body_too_large",
-            414: "uri_too_long",
-            431: "headers_too_large",
-            501: "not_implemented",
-        }.get(code, "bad_request")
-        # No job exists yet: the event carries the status for the request count.
-        self.site.hub.emit("rejected", reason=reason, status=code, job=False)
-        peer = self.transport.getPeer()
-        self._log.info(
-            "[-] {code} refused before the request was complete: {message} (client {client})",
-            code=code,
-            message=message,
-            client=getattr(peer, "host", "?"),
-            status=code,
-            access=True,
-        )
-        body = f"{code} {http.RESPONSES.get(code, b'').decode()}: {message}\n".encode()
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (code, http.RESPONSES.get(code, b"Error"), len(body), body)
-        )
-        # Ignore whatever else arrives; the connection is closing.
-        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
-        self.loseConnection()
-
-    _header_lines = 0
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._refused:
-            return
-        if not line.endswith(b"\r"):
-            self.refuse(400, "line not ended by CRLF (bare LF)")
-            return
-        line = line[:-1]
-        if line[:1] in (b" ", b"\t"):
-            self.refuse(400, "obsolete line folding or leading whitespace")
-            return
-        if not line:
-            self._header_lines = 0
-        elif self.requests and line[:1] not in b" \t":
-            self._header_lines += 1
-            if self._header_lines > self.maxHeaders:
-                self.refuse(431, f"more than {self.maxHeaders} request headers")
-                return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            if not self.requests:
-                self.refuse(414, "request line too long")
-            else:
-                self.refuse(431, f"request header block larger than {self.totalHeadersSize} bytes")
-            return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        if not self.requests:
-            self.refuse(414, "request line too long")
-        else:
-            self.refuse(431, "request header line too long")
-
-    def allHeadersReceived(self) -> None:
-        self._awaiting_head = False
-        self._cancel_header_timer()
-        limit = self.site.max_body
-        if self.length is not None and self.length > limit:
-            self.refuse(413, f"request body larger than {limit} bytes")
-            return
-        super().allHeadersReceived()
-
-
-class ConsumerSite(Site):
-    """The consumer-facing site: one leaf resource, limits from the hub config."""
-
-    protocol = ConsumerChannel
-    requestFactory = ConsumerRequest
-    noisy = False
-    displayTracebacks = False
-
-    def __init__(self, hub: Hub) -> None:
-        super().__init__(ConsumerResource(hub), timeout=hub.config.consumer_idle_timeout)
-        self.hub = hub
-        self.max_body = hub.config.max_body
-        # Requests copy this from the Site: never parse form bodies (a
-        # multipart upload would be read wholly into memory).
-        self._parsePOSTFormSubmission = False
-        self.header_timeout = hub.config.header_timeout
-        self.max_connections = hub.config.max_connections
-        self.connections_refused = 0
-        #: Open consumer connections, closed gracefully at the end of a drain.
-        self.channels: set[ConsumerChannel] = set()
-
-    def close_connections(self, clock: Any, grace: float) -> Deferred[None]:
-        """
-        Close every consumer connection after its buffered bytes are sent;
-        abort those still open after ``grace`` seconds.  Without this the
-        reactor's shutdown would cut off the last responses of a drain.
-        """
-        done: Deferred[None] = Deferred()
-        for channel in list(self.channels):
-            channel.loseConnection()
-
-        def check(deadline: float) -> None:
-            if not self.channels or clock.seconds() >= deadline:
-                for channel in list(self.channels):
-                    channel.transport.abortConnection()
-                done.callback(None)
-            else:
-                clock.callLater(0.02, check, deadline)
-
-        check(clock.seconds() + grace)
-        return done
-
-    def buildProtocol(self, addr: Any) -> Any:
-        if self.max_connections is not None and len(self.channels) >= self.max_connections:
-            # Over the cap: a 503 costs one write, then the connection goes.
-            self.connections_refused += 1
-            self.hub.emit("rejected", reason="too_many_connections", status=503, job=False)
-            return _TooManyConnections()
-        channel: ConsumerChannel = super().buildProtocol(addr)
-        channel.totalHeadersSize = self.hub.config.max_header_bytes
-        channel.MAX_LENGTH = self.hub.config.max_header_bytes
-        return channel
-
-    def log(self, request: Request) -> None:
-        # ProxyJob writes one structured access line per request instead.
-        pass
-
-
-class _TooManyConnections(Protocol):
-    """Answers a connection over ``--max-connections`` with a 503 and closes it."""
-
-    BODY = b"503 Service Unavailable: too many connections\n"
-
-    def connectionMade(self) -> None:
-        self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(self.BODY), self.BODY)
-        )
-        self.transport.loseConnection()

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from ..config import HubConfig
 from ..listening import Listener
 from ..logs import LogFormatMixin, speed_up_text_logs
-from .consumer import ConsumerSite
+from .front import ConsumerSite
 from .dispatch import Hub
 from .workers import WorkerFactory
 

@@ -16,6 +16,7 @@ delegated to :class:`~pothead.hub._http11.ReverseHTTPClient`.
 from __future__ import annotations
 
 import enum
+import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
@@ -68,6 +69,7 @@ class WorkerConnection(Protocol):
         self.jobs_done = 0
         self._buffer = b""
         self._handshake_timer: Any = None
+        self._tls = False
 
     def __repr__(self) -> str:
         return f"<WorkerConnection {self.peer} {self.state.value}>"
@@ -82,6 +84,7 @@ class WorkerConnection(Protocol):
             self.transport.setTcpKeepAlive(True)
         self._hub.worker_connected(self)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._tls = True
             # TLS: a request written now would sit in the TLS buffer and be
             # lost (502) if the handshake fails; wait for handshakeCompleted.
             self.state = State.TLS_HANDSHAKING
@@ -187,6 +190,12 @@ class WorkerConnection(Protocol):
         """Send one job's request; the connection is BUSY until :meth:`job_finished`."""
         if self.state is not State.READY:
             return fail(NotDelivered(f"connection is {self.state.value}"))
+        gone = self._peer_gone()
+        if gone is not None:
+            # Its close (or retire notice) is already here, not yet read:
+            # writing the job would turn a safe requeue into a 502.
+            self._leave_pool()
+            return fail(NotDelivered(gone))
         self.state = State.BUSY
         return self._http.send(method, uri, headers, body)
 
@@ -212,6 +221,31 @@ class WorkerConnection(Protocol):
         self.transport.loseConnection()
 
     # -- internals ----------------------------------------------------------
+
+    def _peer_gone(self) -> str | None:
+        """
+        Whether the worker already closed (FIN or RST) or spoke on this idle
+        connection in bytes the reactor has not read yet -- e.g. a worker
+        killed with several connections: the reset of one is handled and its
+        job requeued while the FIN of the next is still in the socket.  One
+        non-blocking ``MSG_PEEK`` per dispatch; plain TCP only (TLS records
+        can be pending without meaning anything).
+        """
+        if self._tls:
+            return None
+        handle = getattr(self.transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if not isinstance(sock, socket.socket):
+            return None
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            return f"worker reset the idle connection ({e.strerror or e})"
+        if not data:
+            return "worker closed the idle connection"
+        return "worker is retiring the idle connection"
 
     def _become_ready(self) -> None:
         self.state = State.READY
