@@ -104,3 +104,22 @@ bench-quick: $(VENV)/.installed-bench $(REF_VENV)/.installed bench-tools
 .PHONY: bench-gating
 bench-gating: $(VENV)/.installed
 	$(PY) bench/gating.py $(BENCH_GATING_ARGS)
+
+# The hub under PyPy next to CPython (workload B cost, ~2 minutes).  Debian's
+# pypy3 is Python 3.9: Twisted 26.4.0 is the newest for it, and the newest
+# cryptography with a PyPy 3.9 wheel is 43.0.3 (so pyOpenSSL < 25).  pothead
+# runs from the checkout (bench/pypy/twistd_pothead.py), not installed.
+PYPY_VENV ?= .venv-pypy
+$(PYPY_VENV)/.installed:
+	@command -v pypy3 >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q pypy3 pypy3-venv >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q pypy3 pypy3-venv >/dev/null; }; \
+	  else echo "pypy3 is missing: apt-get install pypy3 pypy3-venv" >&2; exit 1; fi; }
+	pypy3 -m venv $(PYPY_VENV)
+	$(PYPY_VENV)/bin/pypy -m pip install --quiet --only-binary cryptography \
+	  'twisted==26.4.0' 'pyopenssl<25' 'cryptography==43.0.3' service_identity idna
+	touch $@
+
+.PHONY: bench-pypy
+bench-pypy: $(VENV)/.installed-bench $(PYPY_VENV)/.installed bench-tools
+	$(PY) bench/pypy/measure.py --pypy $(abspath $(PYPY_VENV))/bin/pypy $(BENCH_PYPY_ARGS)

@@ -59,6 +59,8 @@ _TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 _TARGET_CTL = bytes(range(0x00, 0x21)) + b"\x7f"
 _CHUNK_SIZE = re.compile(rb"\A[0-9A-Fa-f]{1,16}\Z")
+#: Reason phrases twisted.web's table lacks.
+_PHRASES = {**RESPONSES, 431: b"Request Header Fields Too Large"}
 
 # Connection phases.
 _IDLE = 0  # no byte of a request yet
@@ -219,7 +221,7 @@ class ConsumerRequest:
         self.started_writing = True
         channel = self.channel
         code = self.code
-        phrase = self.phrase if self.phrase is not None else RESPONSES.get(code, b"Unknown")
+        phrase = self.phrase if self.phrase is not None else _PHRASES.get(code, b"Unknown")
         lines = [b"%s %d %s\r\n" % (self.clientproto, code, phrase)]
         has_length = has_date = False
         for name, value in self.response_headers:
@@ -345,6 +347,10 @@ class ConsumerProtocol(Protocol):
             self.refuse(refusal.code, refusal.message)
         finally:
             self._parsing = False
+            if self._phase == _BUSY and self._buffer and not self._paused and not self.lost:
+                # A pipelined request came with this one: stop reading until it is our turn.
+                self._paused = True
+                self.transport.pauseProducing()
 
     def _read_head(self) -> bool:
         buffer = self._buffer
@@ -354,8 +360,8 @@ class ConsumerProtocol(Protocol):
                 buffer = buffer[2:]
                 self._empty_lines += 1
             self._buffer = buffer
-            if not buffer:
-                return False
+            if not buffer or (buffer == b"\r" and self._empty_lines < 1):
+                return False  # (the CR may begin a tolerated empty line)
             self._phase = _HEAD
             self._since = self.site.clock.seconds()
             self.site.watch()
@@ -365,7 +371,7 @@ class ConsumerProtocol(Protocol):
             if b"\n" in buffer.replace(b"\r\n", b""):
                 raise _Refusal(400, "line not ended by CRLF (bare LF)")
             first = buffer.find(b"\r\n")
-            if first == -1 and len(buffer) > limit:
+            if (len(buffer) if first == -1 else first) > limit:
                 raise _Refusal(414, "request line too long")
             if len(buffer) > limit + 4:
                 raise _Refusal(431, f"request header block larger than {limit} bytes")
@@ -441,7 +447,7 @@ class ConsumerProtocol(Protocol):
             self._content = BytesIO() if length <= MEMORY_BODY else tempfile.TemporaryFile()
         elif self._chunked:
             self._chunk_state = 0
-            self._content = tempfile.TemporaryFile()
+            self._content = BytesIO()  # moved to a file past MEMORY_BODY
         else:
             self._content = None
             self._complete()
@@ -474,10 +480,10 @@ class ConsumerProtocol(Protocol):
             if state == 1:
                 n = self._remaining
                 if len(buffer) < n:
-                    content.write(buffer)
+                    self._spool(buffer)
                     self._remaining = n - len(buffer)
                     return False
-                content.write(buffer[:n])
+                self._spool(buffer[:n])
                 buffer = buffer[n:]
                 self._chunk_state = 2
                 continue
@@ -488,6 +494,8 @@ class ConsumerProtocol(Protocol):
                 self._buffer = buffer
                 return False
             line, buffer = buffer[:end], buffer[end + 2 :]
+            if b"\n" in line or b"\r" in line:
+                raise _Refusal(400, "malformed chunked body (bare CR or LF)")
             if state == 2:
                 if line:
                     raise _Refusal(400, "malformed chunked body (no CRLF after a chunk)")
@@ -513,6 +521,17 @@ class ConsumerProtocol(Protocol):
                 if len(line) > MAX_CHUNK_LINE:
                     raise _Refusal(400, "trailer line too long")
         return False
+
+    def _spool(self, data: bytes) -> None:
+        """Append to a chunked body: in memory up to MEMORY_BODY, then in a temporary file."""
+        content = self._content
+        assert content is not None
+        if isinstance(content, BytesIO) and content.tell() + len(data) > MEMORY_BODY:
+            spill = tempfile.TemporaryFile()
+            spill.write(content.getbuffer())
+            content.close()
+            self._content = content = spill
+        content.write(data)
 
     def _complete(self) -> None:
         """The request is fully read: hand it to the hub."""
@@ -599,10 +618,10 @@ class ConsumerProtocol(Protocol):
             status=code,
             access=True,
         )
-        body = f"{code} {RESPONSES.get(code, b'').decode()}: {message}\n".encode()
+        body = f"{code} {_PHRASES.get(code, b'').decode()}: {message}\n".encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (code, RESPONSES.get(code, b"Error"), len(body), body)
+            b"Connection: close\r\n\r\n%s" % (code, _PHRASES.get(code, b"Error"), len(body), body)
         )
         self.transport.loseConnection()
 

@@ -82,6 +82,8 @@ class WorkerConnection(Protocol):
             # A worker that vanishes without a FIN is found by TCP keepalive;
             # there is deliberately no idle timeout on worker connections.
             self.transport.setTcpKeepAlive(True)
+            # Requests and responses are single writes: never wait for an ACK.
+            self.transport.setTcpNoDelay(True)
         self._hub.worker_connected(self)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             self._tls = True

@@ -260,6 +260,8 @@ class ReverseChannel(http.HTTPChannel):
             # Finds a hub that vanished without a FIN; an idle worker
             # connection has no timeout of its own.
             self.transport.setTcpKeepAlive(True)
+            # Requests and responses are single writes: never wait for an ACK.
+            self.transport.setTcpNoDelay(True)
         if self.link is not None:
             self.link.connected(self)
 
