@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    # Explicitly: Python leaves SIGINT ignored if it started ignored (a
+    # background job of a non-interactive shell), and Ctrl-C must stop the demo.
+    signal.signal(signal.SIGINT, stop)
     try:
         # Own sessions: Ctrl-C reaches only this runner, which then stops each
         # child with exactly one SIGTERM (a second signal would interrupt the drain).
