@@ -655,4 +655,4 @@ def _reset_unread(reason: Failure) -> bool:
 def _describe(reason: Failure | None) -> str:
     if reason is None:
         return "connection lost"
-    return reason.getErrorMessage() or reason.type.__name__  # type: ignore[union-attr]
+    return reason.getErrorMessage() or reason.type.__name__

@@ -167,7 +167,7 @@ class ConsumerRequest:
         return getattr(self.channel.transport.getPeer(), "host", None)
 
     def local_address(self) -> IAddress:
-        return self.channel.transport.getHost()  # type: ignore[no-any-return]
+        return self.channel.transport.getHost()
 
     def is_secure(self) -> bool:
         return ISSLTransport.providedBy(self.channel.transport)
@@ -266,6 +266,8 @@ class ConsumerProtocol(Protocol):
     """One consumer connection."""
 
     _log = Logger()
+    #: A TCP (or TLS) transport once connected.
+    transport: Any
 
     def __init__(self, site: ConsumerSite) -> None:
         self.site = site
@@ -293,7 +295,7 @@ class ConsumerProtocol(Protocol):
         self._since = self.site.clock.seconds()
         self.site.connection_opened(self)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.lost = True
         self._phase = _CLOSED
         self.site.connection_closed(self)
@@ -630,6 +632,7 @@ class _TooManyConnections(Protocol):
     """Answers a connection over ``--max-connections`` with a 503 and closes it."""
 
     BODY = b"503 Service Unavailable: too many connections\n"
+    transport: Any
 
     def connectionMade(self) -> None:
         self.transport.write(
@@ -666,7 +669,7 @@ class ConsumerSite(Factory):
             self._handle = handle_request
         self._handle(request)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         if self.max_connections is not None and len(self.channels) >= self.max_connections:
             # Over the cap: a 503 costs one write, then the connection goes.
             self.connections_refused += 1
