@@ -211,9 +211,31 @@ def abort_after_head(fake: FakeWorker) -> None:
     fake.transport.abortConnection()
 
 
-def answer_requeue(fake: FakeWorker) -> None:
-    fake.transport.write(RETIRE)
-    fake.transport.loseConnection()
+def answer_requeue_after_body(fake: FakeWorker) -> None:
+    """A draining worker that reads the whole request, then answers "503 + Pothead-Requeue"."""
+    assert fake.head is not None
+    length = 0
+    for line in fake.head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    seen = len(fake.buffer) - len(fake.head) - 4
+
+    def answer() -> None:
+        fake.transport.write(RETIRE)
+        fake.transport.loseConnection()
+
+    def more(data: bytes) -> None:
+        nonlocal seen
+        seen += len(data)
+        if seen >= length:
+            fake.dataReceived = lambda data: None  # type: ignore[method-assign]
+            answer()
+
+    if seen >= length:
+        answer()
+    else:
+        fake.dataReceived = more  # type: ignore[method-assign]
 
 
 def die_mid_body(fake: FakeWorker) -> None:
@@ -470,7 +492,7 @@ async def test_requeues_are_counted_by_reason_and_invisible_in_the_status_counts
         await wait_until(reactor, lambda: hub.service.hub.totals["requeue"] == 1, timeout=BOUND)
 
         # The next one answers "503 + Pothead-Requeue" (a draining worker): requeued again.
-        draining = await env.fake(hub, answer_requeue)
+        draining = await env.fake(hub, answer_requeue_after_body)
         await bounded(draining.head_received)
         await wait_until(reactor, lambda: hub.service.hub.totals["requeue"] == 2, timeout=BOUND)
 

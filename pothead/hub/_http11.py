@@ -37,6 +37,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from ..fastwrite import write_now
+
 
 class NotDelivered(Exception):
     """The request never fully reached the worker: safe to requeue."""
@@ -267,7 +269,7 @@ class ReverseHTTPClient:
         self._pending = b""
         waiting: Deferred[WorkerResponse] = Deferred()
         self._waiting = waiting
-        self.transport.write(b"".join(lines))
+        write_now(self.transport, b"".join(lines))
         if body is None:
             self._written = True
         else:

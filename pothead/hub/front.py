@@ -45,6 +45,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
+from ..fastwrite import write_now
+
 if TYPE_CHECKING:
     from .dispatch import Hub
 
@@ -213,9 +215,9 @@ class ConsumerRequest:
         if not data or self._no_body:
             return
         if self._chunked:
-            self.channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            write_now(self.channel.transport, b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.channel.transport.write(data)
+            write_now(self.channel.transport, data)
 
     def _write_head(self, data: bytes) -> None:
         self.started_writing = True
@@ -245,7 +247,7 @@ class ConsumerRequest:
         lines.append(b"\r\n")
         if data and not self._no_body:
             lines.append(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
-        channel.transport.write(b"".join(lines))
+        write_now(channel.transport, b"".join(lines))
 
     def finish(self) -> None:
         if self.finished:
@@ -254,7 +256,7 @@ class ConsumerRequest:
             self._write_head(b"")
         self.finished = True
         if self._chunked and not self.channel.lost:
-            self.channel.transport.write(b"0\r\n\r\n")
+            write_now(self.channel.transport, b"0\r\n\r\n")
         self.channel.request_done(self)
 
     def abort(self) -> None:
