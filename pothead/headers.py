@@ -36,6 +36,11 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 #: has already been answered by the hub.
 REFRAMED: frozenset[bytes] = frozenset({b"content-length", b"expect"})
 
+#: RFC 9110 5.6.2 token: the only characters allowed in a method or header name.
+TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: A chunk size (RFC 9112 7.1), at most 16 hex digits.
+CHUNK_SIZE = re.compile(rb"\A[0-9A-Fa-f]{1,16}\Z")
+
 REQUEST_ID = b"x-request-id"
 REQUEUE = b"pothead-requeue"
 

@@ -38,6 +38,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from ..fastwrite import write_now
+from ..headers import CHUNK_SIZE, HOP_BY_HOP, TOKEN
 
 
 class NotDelivered(Exception):
@@ -59,23 +60,9 @@ class BodySink(TypingProtocol):
 
 #: Response headers about the connection or the framing: never passed on as
 #: they are (the body is decoded and re-framed for the consumer).
-_CONNECTION_CONTROL = frozenset(
-    {
-        b"connection",
-        b"content-length",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
+_CONNECTION_CONTROL = HOP_BY_HOP | {b"content-length"}
 
 _STATUS_LINE = re.compile(rb"\AHTTP/1\.([01]) ([0-9]{3})(?: (.*))?\Z")
-_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_CHUNK_SIZE = re.compile(rb"\A[0-9A-Fa-f]{1,16}\Z")
 #: A request line or header value may not carry these onto the worker hop.
 _UNSAFE_IN_REQUEST = re.compile(rb"[\x00-\x1f\x7f ]")
 _UNSAFE_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -249,7 +236,7 @@ class ReverseHTTPClient:
             return fail(WorkerFailed(f"request could not be written: invalid method or target {method!r} {uri!r}"))
         lines = [b"%s %s HTTP/1.1\r\n" % (method, uri)]
         for name, value in headers:
-            if not _TOKEN.match(name) or _UNSAFE_IN_VALUE.search(value):
+            if not TOKEN.match(name) or _UNSAFE_IN_VALUE.search(value):
                 return fail(WorkerFailed(f"request could not be written: invalid header {name!r}"))
             lines.append(b"%s: %s\r\n" % (name, value))
         length = getattr(body, "length", None) if body is not None else None
@@ -397,7 +384,7 @@ class ReverseHTTPClient:
         for line in lines[1:]:
             line = line.rstrip(b"\r")
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
+            if not colon or not TOKEN.match(name):
                 self._malformed(f"invalid response header line {line[:80]!r}")
                 return False
             raw.append((name, value.strip(b" \t")))
@@ -532,7 +519,7 @@ class ReverseHTTPClient:
                 self._chunk_state = 0
             elif state == 0:
                 size = line.split(b";", 1)[0].strip()
-                if not _CHUNK_SIZE.match(size):
+                if not CHUNK_SIZE.match(size):
                     self._body_malformed(f"invalid chunk size {size[:40]!r}")
                     return
                 n = int(size, 16)

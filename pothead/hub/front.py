@@ -33,7 +33,6 @@ all connections: ``--header-timeout`` from a head's first byte (408), and
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from io import BytesIO
@@ -46,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from ..fastwrite import write_now
+from ..headers import CHUNK_SIZE, TOKEN
 
 if TYPE_CHECKING:
     from .dispatch import Hub
@@ -57,10 +57,8 @@ MEMORY_BODY = 100_000
 #: Longest chunk-size or trailer line of a chunked request body.
 MAX_CHUNK_LINE = 4096
 
-_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 _TARGET_CTL = bytes(range(0x00, 0x21)) + b"\x7f"
-_CHUNK_SIZE = re.compile(rb"\A[0-9A-Fa-f]{1,16}\Z")
 #: Reason phrases twisted.web's table lacks.
 _PHRASES = {**RESPONSES, 431: b"Request Header Fields Too Large"}
 
@@ -161,10 +159,6 @@ class ConsumerRequest:
         """Replace every ``name`` (lower case) request header by one."""
         self.headers = [(n, v) for n, v in self.headers if n.lower() != name] + [(name, value)]
 
-    @property
-    def transport(self) -> Any:
-        return self.channel.transport
-
     def client_host(self) -> str | None:
         return getattr(self.channel.transport.getPeer(), "host", None)
 
@@ -179,9 +173,6 @@ class ConsumerRequest:
     def set_response_code(self, code: int, phrase: bytes | None = None) -> None:
         self.code = code
         self.phrase = phrase
-
-    def has_response_header(self, name: bytes) -> bool:
-        return any(n.lower() == name for n, _ in self.response_headers)
 
     def remove_response_header(self, name: bytes) -> None:
         self.response_headers = [(n, v) for n, v in self.response_headers if n.lower() != name]
@@ -399,7 +390,7 @@ class ConsumerProtocol(Protocol):
         if len(parts) != 3:
             raise _Refusal(400, "malformed request line")
         method, target, version = parts
-        if not _TOKEN.match(method):
+        if not TOKEN.match(method):
             raise _Refusal(400, "malformed request line")
         if not target or target != target.translate(None, _TARGET_CTL):
             raise _Refusal(400, "malformed request target")
@@ -413,7 +404,7 @@ class ConsumerProtocol(Protocol):
             if line[:1] in (b" ", b"\t"):
                 raise _Refusal(400, "obsolete line folding or leading whitespace")
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
+            if not colon or not TOKEN.match(name):
                 raise _Refusal(400, "invalid header name")
             value = value.strip(b" \t")
             if value != value.translate(None, _CTL):
@@ -506,7 +497,7 @@ class ConsumerProtocol(Protocol):
                 self._chunk_state = 0
             elif state == 0:
                 size = line.split(b";", 1)[0].rstrip(b" \t")
-                if not _CHUNK_SIZE.match(size):
+                if not CHUNK_SIZE.match(size):
                     raise _Refusal(400, "malformed chunk size")
                 n = int(size, 16)
                 self._received += n
